@@ -1,0 +1,41 @@
+"""CircleLossFunction: the autograd Function behind both label forms on the fused backends."""
+import torch
+
+from . import ops
+
+
+class CircleLossFunction(torch.autograd.Function):
+    """Per-row Circle Loss of queries against labelled keys, fused: no B × N tensor is ever held.
+
+    apply(queries, keys, query_labels, key_labels, margin, gamma, exclude_self, detach_alpha, backend)
+        -> (L, has_loss)
+
+    queries (B, D), keys (N, D): unnormalised, same dtype (fp16, bf16 or fp32) and device.
+    query_labels int64 (B,); key_labels int64 (N,), or None for class-level keys (the rows of W,
+    b_j = j; a row whose label is no class, e.g. -100, has no positive and so no loss). exclude_self: the keys
+    are the queries and the pair (i, i) is left out. backend: "triton".
+    L is float32 (B,), 0 for rows without a positive or a negative; has_loss (bool, B) marks the others.
+    With detach_alpha the gradient treats α as a constant (the paper's); otherwise it is the true
+    derivative of L.
+    """
+
+    @staticmethod
+    def forward(ctx, queries, keys, query_labels, key_labels, margin, gamma, exclude_self, detach_alpha, backend):
+        row_loss, lse_pos, lse_neg, inv_norm_q, inv_norm_k = ops.fused_forward(
+            queries, keys, query_labels, key_labels, margin, gamma, exclude_self, backend)
+        ctx.save_for_backward(queries, keys, query_labels, key_labels, inv_norm_q, inv_norm_k, lse_pos, lse_neg)
+        ctx.hyper = (margin, gamma, exclude_self, detach_alpha, backend)
+        has_loss = (lse_pos > float("-inf")) & (lse_neg > float("-inf"))
+        ctx.mark_non_differentiable(has_loss)
+        return row_loss, has_loss
+
+    @staticmethod
+    def backward(ctx, grad_rows, _grad_has_loss):
+        queries, keys, query_labels, key_labels, inv_norm_q, inv_norm_k, lse_pos, lse_neg = ctx.saved_tensors
+        margin, gamma, exclude_self, detach_alpha, backend = ctx.hyper
+        need_queries, need_keys = ctx.needs_input_grad[:2]
+        grad_q, grad_k = ops.fused_backward(
+            grad_rows.float().contiguous(), queries, keys, query_labels, key_labels, inv_norm_q, inv_norm_k,
+            lse_pos, lse_neg, margin, gamma, exclude_self, detach_alpha, need_queries, need_keys, backend)
+        return (grad_q if need_queries else None, grad_k if need_keys else None,
+                None, None, None, None, None, None, None)

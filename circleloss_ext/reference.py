@@ -1,0 +1,41 @@
+"""The naive formulation: the similarity matrix materialised, gradients by autograd.
+
+It reads like the paper (Sun et al. 2020, Eq. 4-10) and is the correctness oracle of the fused
+backends and the baseline of the benchmark. It holds several B × N matrices.
+"""
+import torch
+import torch.nn.functional as F
+
+EPS = 1e-12  # as F.normalize
+
+
+def circle_loss_rows(queries, keys, query_labels, key_labels, *, margin, gamma, exclude_self, detach_alpha):
+    """(L, has_loss): per-row Circle Loss (B,) and whether row i has both a positive and a negative.
+
+    key_labels b_j; for class-level keys (rows of W) pass b_j = j. With exclude_self the keys are the
+    queries and the pair (i, i) is left out. Math in float32 (float64 for float64 inputs).
+    """
+    dtype = torch.promote_types(queries.dtype, torch.float32)
+    with torch.autocast(queries.device.type, enabled=False):
+        s = F.normalize(queries.to(dtype), dim=1, eps=EPS) @ F.normalize(keys.to(dtype), dim=1, eps=EPS).T
+
+    is_pair = torch.ones_like(s, dtype=torch.bool)
+    if exclude_self:
+        is_pair.fill_diagonal_(False)
+    same_label = query_labels[:, None] == key_labels[None, :]
+    positive = is_pair & same_label
+    negative = is_pair & ~same_label
+
+    # Eq. 5: optima O_p = 1 + m, O_n = -m; margins Δ_p = 1 - m, Δ_n = m.
+    alpha_p = torch.relu(1 + margin - s)
+    alpha_n = torch.relu(s + margin)
+    if detach_alpha:
+        alpha_p, alpha_n = alpha_p.detach(), alpha_n.detach()
+    delta_p, delta_n = 1 - margin, margin
+    u = -gamma * alpha_p * (s - delta_p)
+    v = gamma * alpha_n * (s - delta_n)
+
+    lse_pos = torch.logsumexp(u.masked_fill(~positive, float("-inf")), dim=1)
+    lse_neg = torch.logsumexp(v.masked_fill(~negative, float("-inf")), dim=1)
+    has_loss = positive.any(dim=1) & negative.any(dim=1)
+    return F.softplus(lse_pos + lse_neg), has_loss

@@ -1,0 +1,63 @@
+"""Input checks: every bad argument gets an error that names it and says what was expected."""
+import math
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+REDUCTIONS = ("none", "sum", "mean")
+BACKENDS = ("auto", "triton", "reference")
+
+
+def check_matrix(name: str, x, dim: int = None, dim_name: str = "D") -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 2:
+        raise ValueError(f"{name} must be 2-D (rows, {dim_name}), got shape {tuple(x.shape)}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {x.dtype}")
+    if x.shape[0] == 0 or x.shape[1] == 0:
+        raise ValueError(f"{name} must have at least one row and one column, got shape {tuple(x.shape)}")
+    if dim is not None and x.shape[1] != dim:
+        raise ValueError(f"{name} must have {dim_name} = {dim} columns (as embeddings), got shape {tuple(x.shape)}")
+
+
+def check_labels(name: str, labels, rows: int, rows_of: str) -> None:
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of int64, got {type(labels).__name__}")
+    if labels.dtype != torch.int64:
+        raise TypeError(f"{name} must have dtype torch.int64, got {labels.dtype}")
+    if labels.dim() != 1 or labels.shape[0] != rows:
+        raise ValueError(f"{name} must have shape ({rows},), one label per row of {rows_of}, "
+                         f"got {tuple(labels.shape)}")
+
+
+def check_same(name: str, x: torch.Tensor, ref_name: str, ref: torch.Tensor, dtype: bool = True) -> None:
+    if x.device != ref.device:
+        raise ValueError(f"{name} is on {x.device} but {ref_name} is on {ref.device}; both must be on one device")
+    if dtype and x.dtype != ref.dtype:
+        raise TypeError(f"{name} has dtype {x.dtype} but {ref_name} has {ref.dtype}; they must match "
+                        "(cast one, or run under torch.autocast)")
+
+
+def check_hyperparameters(margin, gamma, reduction, backend) -> None:
+    if not isinstance(margin, (int, float)) or not math.isfinite(margin):
+        raise ValueError(f"m must be a finite number, got {margin!r}")
+    if not isinstance(gamma, (int, float)) or not math.isfinite(gamma) or gamma <= 0:
+        raise ValueError(f"gamma must be a finite number > 0, got {gamma!r}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+
+def check_label_values(labels: torch.Tensor, num_classes: int, ignore_index: int) -> None:
+    """Class labels must lie in [0, C) or equal ignore_index. Reads the labels (one host sync);
+    under torch.compile the check becomes a device-side assert."""
+    bad = ((labels < 0) | (labels >= num_classes)) & (labels != ignore_index)
+    if torch.compiler.is_compiling():
+        torch._assert_async(~bad.any(), f"labels must lie in [0, {num_classes}) or equal ignore_index")
+        return
+    if bool(bad.any()):
+        first = labels[bad][0].item()
+        raise ValueError(f"labels must lie in [0, num_classes={num_classes}) or equal "
+                         f"ignore_index={ignore_index}; found {first}")

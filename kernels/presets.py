@@ -1,0 +1,103 @@
+"""Launch configurations, one preset per architecture family, chosen offline.
+
+`python -m circleloss_ext.aot` compiles every entry here for sm_80 and sm_90 and reports registers,
+spills and shared memory; the GPU presets are the largest tiles that compile there without spilling.
+The interpreter preset uses small tiles so that CPU tests cross tile, chunk and split boundaries.
+"""
+import os
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    blocks: dict
+    num_warps: int = 4
+    num_stages: int = 2
+
+    def kwargs(self) -> dict:
+        return {**self.blocks, "num_warps": self.num_warps, "num_stages": self.num_stages}
+
+    def label(self) -> str:
+        sizes = " ".join(f"{k.removeprefix('BLOCK_')}={v}" for k, v in self.blocks.items())
+        return f"{sizes} w={self.num_warps} s={self.num_stages}"
+
+
+def _tiles(b, n, d, warps, stages):
+    return LaunchConfig({"BLOCK_B": b, "BLOCK_N": n, "BLOCK_D": d}, warps, stages)
+
+
+_ELEMENTWISE = {
+    "inv_norm": LaunchConfig({"BLOCK_R": 16, "BLOCK_D": 128}, 4, 1),
+    "project": LaunchConfig({"BLOCK_R": 16, "BLOCK_D": 128}, 4, 1),
+}
+
+# (arch family, operand width) -> kernel -> config. "16" covers bf16 and fp16, "32" fp32.
+PRESETS = {
+    ("sm90", "16"): {
+        "forward": _tiles(128, 128, 64, 8, 3),
+        "grad_queries": _tiles(64, 128, 64, 8, 3),
+        "grad_keys": _tiles(64, 128, 64, 8, 3),
+        **_ELEMENTWISE,
+    },
+    ("sm90", "32"): {
+        "forward": _tiles(128, 128, 32, 8, 3),
+        "grad_queries": _tiles(64, 128, 32, 8, 3),
+        "grad_keys": _tiles(64, 128, 32, 8, 3),
+        **_ELEMENTWISE,
+    },
+    ("sm80", "16"): {
+        "forward": _tiles(128, 128, 32, 8, 3),
+        "grad_queries": _tiles(64, 128, 32, 8, 3),
+        "grad_keys": _tiles(64, 128, 32, 8, 3),
+        **_ELEMENTWISE,
+    },
+    ("sm80", "32"): {
+        "forward": _tiles(128, 64, 32, 8, 3),
+        "grad_queries": _tiles(64, 64, 32, 8, 3),
+        "grad_keys": _tiles(64, 64, 32, 8, 3),
+        **_ELEMENTWISE,
+    },
+}
+_INTERPRETER = {
+    "forward": _tiles(16, 32, 16, 4, 1),
+    "grad_queries": _tiles(16, 32, 16, 4, 1),
+    "grad_keys": _tiles(16, 32, 16, 4, 1),
+    "inv_norm": LaunchConfig({"BLOCK_R": 16, "BLOCK_D": 16}, 4, 1),
+    "project": LaunchConfig({"BLOCK_R": 16, "BLOCK_D": 16}, 4, 1),
+}
+# Programs to aim for per launch, as a multiple of the SM count (the interpreter: a fixed small number,
+# enough to exercise several key splits).
+_WAVES = 4
+_INTERPRETER_PROGRAMS = 4
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def arch_family(major: int) -> str:
+    return "sm90" if major >= 9 else "sm80"
+
+
+def operand_width(dtype: torch.dtype) -> str:
+    return "32" if dtype == torch.float32 else "16"
+
+
+def tile_config(kernel: str, x: torch.Tensor) -> LaunchConfig:
+    if interpreting():
+        return _INTERPRETER[kernel]
+    major, _ = torch.cuda.get_device_capability(x.device)
+    return PRESETS[(arch_family(major), operand_width(x.dtype))][kernel]
+
+
+def target_programs(x: torch.Tensor) -> int:
+    if interpreting():
+        return _INTERPRETER_PROGRAMS
+    return _WAVES * torch.cuda.get_device_properties(x.device).multi_processor_count
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """fp32 operands use 3xTF32 (fp32 accuracy on tensor cores); 16-bit ones are exact products."""
+    return "tf32x3" if dtype == torch.float32 else "ieee"

@@ -1,0 +1,77 @@
+"""The pieces every Circle Loss kernel shares: one similarity tile and its epilogue.
+
+Symbols follow docs/circle-loss.md: queries q_i with labels a_i, keys k_j with labels b_j,
+s_ij = q̂_i · k̂_j, margin m, scale γ.
+"""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def dot_tile(q_ptr, k_ptr, rows, keys, B, N, D, stride_qb, stride_qd, stride_kn, stride_kd,
+             BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+             DOT_PRECISION: tl.constexpr):
+    """q_i · k_j for a BLOCK_B × BLOCK_N tile of raw (unnormalised) rows, in float32.
+
+    `rows` and `keys` are int64 indices; rows ≥ B and keys ≥ N read as zeros.
+    """
+    row_in = rows[:, None] * stride_qb
+    key_in = keys[:, None] * stride_kn
+    row_ok = (rows < B)[:, None]
+    key_ok = (keys < N)[:, None]
+    acc = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        dims = d0 + tl.arange(0, BLOCK_D)
+        in_d = (dims < D)[None, :]
+        q = tl.load(q_ptr + row_in + dims[None, :] * stride_qd, mask=row_ok & in_d, other=0.0)
+        k = tl.load(k_ptr + key_in + dims[None, :] * stride_kd, mask=key_ok & in_d, other=0.0)
+        acc = tl.dot(q, tl.trans(k), acc, input_precision=DOT_PRECISION)
+    return acc
+
+
+@triton.jit
+def circle_epilogue(dots, inv_norm_q, inv_norm_k, q_label, k_label, rows, keys, B, N, margin, gamma,
+                    EXCLUDE_SELF: tl.constexpr, DETACH_ALPHA: tl.constexpr):
+    """The Circle Loss formula on one tile: the one place α, Δ, γ and the masks are written.
+
+    Returns (logit, slope, is_pos, is_pair):
+      logit   u_ij = -γ·α^p_ij·(s_ij - Δ_p) on positives, v_ij = γ·α^n_ij·(s_ij - Δ_n) on negatives,
+              -inf where (i, j) is no pair (out of bounds, or i == j when EXCLUDE_SELF);
+      slope   d logit / d s_ij: -γ·α^p and γ·α^n with α detached, -2γ(1 - s) and 2γ·s·[s > -m] otherwise;
+      is_pos  b_j == a_i;  is_pair  (i, j) takes part in the loss.
+    """
+    s = dots * inv_norm_q[:, None] * inv_norm_k[None, :]
+    is_pair = (rows < B)[:, None] & (keys < N)[None, :]
+    if EXCLUDE_SELF:
+        is_pair = is_pair & (rows[:, None] != keys[None, :])
+    is_pos = q_label[:, None] == k_label[None, :]
+    alpha_pos = tl.maximum(1.0 + margin - s, 0.0)
+    alpha_neg = tl.maximum(s + margin, 0.0)
+    logit = tl.where(is_pos, -gamma * alpha_pos * (s - (1.0 - margin)), gamma * alpha_neg * (s - margin))
+    logit = tl.where(is_pair, logit, float("-inf"))
+    if DETACH_ALPHA:
+        slope = tl.where(is_pos, -gamma * alpha_pos, gamma * alpha_neg)
+    else:
+        slope = tl.where(is_pos, -2.0 * gamma * (1.0 - s), tl.where(s > -margin, 2.0 * gamma * s, 0.0))
+    return logit, slope, is_pos, is_pair
+
+
+@triton.jit
+def grad_similarity(logit, slope, is_pos, is_pair, lse_pos, lse_neg, row_scale):
+    """∂L/∂s_ij on one tile: σ_i · softmax weight of the logit within its own log-sum-exp · slope.
+
+    `row_scale` is σ_i = sigmoid(LP_i + LN_i) · g_i (0 for rows without a loss).
+    """
+    lse = tl.where(is_pos, lse_pos[:, None], lse_neg[:, None])
+    return tl.where(is_pair, row_scale[:, None] * tl.exp(logit - lse) * slope, 0.0)
+
+
+@triton.jit
+def load_tile_labels(q_label_ptr, k_label_ptr, rows, keys, B, N, CLASS_LEVEL: tl.constexpr):
+    """Row labels a_i and key labels b_j (b_j = j for class-level keys, the rows of W)."""
+    q_label = tl.load(q_label_ptr + rows, mask=rows < B, other=-1)
+    if CLASS_LEVEL:
+        k_label = keys
+    else:
+        k_label = tl.load(k_label_ptr + keys, mask=keys < N, other=-1)
+    return q_label, k_label
