@@ -9,7 +9,7 @@ import triton
 import triton.language as tl
 
 from .presets import dot_precision, tile_config
-from .tile import circle_epilogue, dot_tile, grad_similarity, load_tile_labels
+from .tile import circle_epilogue, dot_tile, grad_similarity, load_tile_labels, matmul
 
 
 @triton.jit
@@ -44,7 +44,7 @@ def circle_grad_keys_kernel(
             in_d = (dims < D)[None, :]
             q = tl.load(q_ptr + rows[:, None] * stride_qb + dims[None, :] * stride_qd,
                         mask=row_ok[:, None] & in_d, other=0.0)
-            acc = tl.dot(grad_s_t, q, input_precision=DOT_PRECISION)
+            acc = matmul(grad_s_t, q, None, DOT_PRECISION)
             out = out_keys + dims[None, :]
             out_mask = key_ok[:, None] & in_d
             if b0 > 0:

@@ -11,7 +11,7 @@ import triton.language as tl
 
 from .forward import key_splits
 from .presets import dot_precision, tile_config
-from .tile import circle_epilogue, dot_tile, grad_similarity, load_tile_labels
+from .tile import circle_epilogue, dot_tile, grad_similarity, load_tile_labels, matmul
 
 
 @triton.jit
@@ -49,7 +49,7 @@ def circle_grad_queries_kernel(
             in_d = (dims < D)[None, :]
             k = tl.load(k_ptr + keys[:, None] * stride_kn + dims[None, :] * stride_kd,
                         mask=key_ok[:, None] & in_d, other=0.0)
-            acc = tl.dot(grad_s, k, input_precision=DOT_PRECISION)
+            acc = matmul(grad_s, k, None, DOT_PRECISION)
             out = out_rows + dims[None, :]
             out_mask = row_ok[:, None] & in_d
             if n0 > key_start:

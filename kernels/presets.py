@@ -99,5 +99,8 @@ def target_programs(x: torch.Tensor) -> int:
 
 
 def dot_precision(dtype: torch.dtype) -> str:
-    """fp32 operands use 3xTF32 (fp32 accuracy on tensor cores); 16-bit ones are exact products."""
+    """fp32 operands use 3xTF32 (fp32 accuracy on tensor cores); 16-bit ones are exact products.
+    Under the interpreter bf16 products go through float32 (see tile.matmul)."""
+    if dtype == torch.bfloat16 and interpreting():
+        return "upcast"
     return "tf32x3" if dtype == torch.float32 else "ieee"

@@ -8,6 +8,18 @@ import triton.language as tl
 
 
 @triton.jit
+def matmul(a, b, acc, DOT_PRECISION: tl.constexpr):
+    """tl.dot(a, b) + acc with float32 accumulation.
+
+    DOT_PRECISION "upcast" multiplies in float32: the Triton interpreter multiplies the bit patterns
+    of bfloat16 operands instead of their values, so its bf16 launches use it (presets.dot_precision).
+    """
+    if DOT_PRECISION == "upcast":
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
+    return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+
+
+@triton.jit
 def dot_tile(q_ptr, k_ptr, rows, keys, B, N, D, stride_qb, stride_qd, stride_kn, stride_kd,
              BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
              DOT_PRECISION: tl.constexpr):
@@ -25,7 +37,7 @@ def dot_tile(q_ptr, k_ptr, rows, keys, B, N, D, stride_qb, stride_qd, stride_kn,
         in_d = (dims < D)[None, :]
         q = tl.load(q_ptr + row_in + dims[None, :] * stride_qd, mask=row_ok & in_d, other=0.0)
         k = tl.load(k_ptr + key_in + dims[None, :] * stride_kd, mask=key_ok & in_d, other=0.0)
-        acc = tl.dot(q, tl.trans(k), acc, input_precision=DOT_PRECISION)
+        acc = matmul(q, tl.trans(k), acc, DOT_PRECISION)
     return acc
 
 

@@ -1,0 +1,14 @@
+"""Test setup: the Triton kernels run compiled on a CUDA GPU when there is one, and under the
+Triton interpreter on the CPU otherwise (TRITON_INTERPRET must be set before triton is imported)."""
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)

@@ -1,0 +1,58 @@
+"""Shared test utilities: inputs, the float64 oracle, and tolerances per dtype."""
+import torch
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+# (loss rtol, gradient tolerance relative to the largest reference gradient entry)
+TOLERANCES = {
+    torch.float32: (2e-5, 2e-4),
+    torch.float16: (2e-3, 2e-2),
+    torch.bfloat16: (1e-2, 4e-2),
+}
+
+
+def make_inputs(B, N, D, dtype=torch.float32, num_labels=None, device=DEVICE):
+    """Random non-zero embeddings (B, D), keys (N, D) and labels: class labels in [0, N) when
+    num_labels is None, else pair-wise labels in [0, num_labels) for both sides."""
+    emb = torch.randn(B, D, device=device).to(dtype)
+    keys = (torch.randn(N, D, device=device) * 3).to(dtype)
+    high = N if num_labels is None else num_labels
+    labels = torch.randint(0, high, (B,), device=device)
+    key_labels = torch.randint(0, high, (N,), device=device)
+    return emb, keys, labels, key_labels
+
+
+def run(fn, tensors, **kwargs):
+    """Loss and gradients (None where not required) of fn(*tensors, **kwargs) reduced to a scalar."""
+    leaves = [t.detach().clone().requires_grad_(t.is_floating_point()) if isinstance(t, torch.Tensor) else t
+              for t in tensors]
+    loss = fn(*leaves, **kwargs)
+    weights = torch.linspace(0.5, 1.5, loss.numel(), device=loss.device, dtype=loss.dtype).reshape(loss.shape)
+    (loss * weights).sum().backward()  # a non-uniform upstream gradient for reduction="none"
+    return loss.detach(), [t.grad for t in leaves if isinstance(t, torch.Tensor) and t.is_floating_point()]
+
+
+def to64(t):
+    return t.detach().double() if t.is_floating_point() else t
+
+
+def check_against_reference(fn, tensors, dtype=torch.float32, **kwargs):
+    """fn(..., backend="triton") against fn(..., backend="reference") in float64 on the same
+    (dtype-rounded) inputs: loss and every gradient. Returns the triton loss."""
+    loss, grads = run(fn, tensors, backend="triton", **kwargs)
+    ref_loss, ref_grads = run(fn, [to64(t) for t in tensors], backend="reference", **kwargs)
+    loss_tol, grad_tol = TOLERANCES[dtype]
+    assert loss.dtype == dtype
+    torch.testing.assert_close(loss.double(), ref_loss, rtol=loss_tol, atol=loss_tol)
+    for g, ref in zip(grads, ref_grads):
+        assert g.dtype == dtype and g.shape == ref.shape
+        assert_close_scaled(g, ref, grad_tol)
+    return loss
+
+
+def assert_close_scaled(actual, expected, tol):
+    """max |actual - expected| <= tol * max |expected| (gradients of cosine losses span many scales)."""
+    scale = expected.abs().max().item()
+    err = (actual.double() - expected).abs().max().item()
+    assert torch.isfinite(actual).all(), "non-finite values"
+    assert err <= tol * max(scale, 1e-12), f"max error {err:.3e} > {tol} * {scale:.3e}"
