@@ -55,8 +55,10 @@ def _rows(backend, queries, keys, query_labels, key_labels, margin, gamma, exclu
             key_labels = torch.arange(keys.shape[0], device=keys.device)
         return reference.circle_loss_rows(queries, keys, query_labels, key_labels, margin=margin, gamma=gamma,
                                           exclude_self=exclude_self, detach_alpha=detach_alpha)
+    if exclude_self:
+        keys, key_labels = None, None
     return CircleLossFunction.apply(queries, keys, query_labels, key_labels, float(margin), float(gamma),
-                                    exclude_self, detach_alpha, backend)
+                                    detach_alpha, backend)
 
 
 def circle_loss(embeddings, weight, labels, *, m=0.25, gamma=256.0, reduction="mean", detach_alpha=True,

@@ -7,20 +7,23 @@ from . import ops
 class CircleLossFunction(torch.autograd.Function):
     """Per-row Circle Loss of queries against labelled keys, fused: no B × N tensor is ever held.
 
-    apply(queries, keys, query_labels, key_labels, margin, gamma, exclude_self, detach_alpha, backend)
-        -> (L, has_loss)
+    apply(queries, keys, query_labels, key_labels, margin, gamma, detach_alpha, backend) -> (L, has_loss)
 
     queries (B, D), keys (N, D): unnormalised, same dtype (fp16, bf16 or fp32) and device.
     query_labels int64 (B,); key_labels int64 (N,), or None for class-level keys (the rows of W,
-    b_j = j; a row whose label is no class, e.g. -100, has no positive and so no loss). exclude_self: the keys
-    are the queries and the pair (i, i) is left out. backend: "triton".
+    b_j = j; a row whose label is no class, e.g. -100, has no positive and so no loss).
+    keys None (with key_labels None): the keys are the queries themselves and the pair (i, i) is
+    left out. backend: "triton".
     L is float32 (B,), 0 for rows without a positive or a negative; has_loss (bool, B) marks the others.
     With detach_alpha the gradient treats α as a constant (the paper's); otherwise it is the true
     derivative of L.
     """
 
     @staticmethod
-    def forward(ctx, queries, keys, query_labels, key_labels, margin, gamma, exclude_self, detach_alpha, backend):
+    def forward(ctx, queries, keys, query_labels, key_labels, margin, gamma, detach_alpha, backend):
+        exclude_self = keys is None
+        if exclude_self:
+            keys, key_labels = queries, query_labels
         row_loss, lse_pos, lse_neg, inv_norm_q, inv_norm_k = ops.fused_forward(
             queries, keys, query_labels, key_labels, margin, gamma, exclude_self, backend)
         ctx.save_for_backward(queries, keys, query_labels, key_labels, inv_norm_q, inv_norm_k, lse_pos, lse_neg)
@@ -33,9 +36,12 @@ class CircleLossFunction(torch.autograd.Function):
     def backward(ctx, grad_rows, _grad_has_loss):
         queries, keys, query_labels, key_labels, inv_norm_q, inv_norm_k, lse_pos, lse_neg = ctx.saved_tensors
         margin, gamma, exclude_self, detach_alpha, backend = ctx.hyper
-        need_queries, need_keys = ctx.needs_input_grad[:2]
+        need_queries = ctx.needs_input_grad[0]
+        need_keys = need_queries if exclude_self else ctx.needs_input_grad[1]
         grad_q, grad_k = ops.fused_backward(
             grad_rows.float().contiguous(), queries, keys, query_labels, key_labels, inv_norm_q, inv_norm_k,
             lse_pos, lse_neg, margin, gamma, exclude_self, detach_alpha, need_queries, need_keys, backend)
+        if exclude_self:  # queries and keys are one tensor: both contributions land on its rows
+            return grad_q + grad_k if need_queries else None, None, None, None, None, None, None, None
         return (grad_q if need_queries else None, grad_k if need_keys else None,
-                None, None, None, None, None, None, None)
+                None, None, None, None, None, None)
