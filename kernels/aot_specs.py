@@ -1,0 +1,93 @@
+"""Every kernel launch the launchers make, as triton specialises it: the input of ahead-of-time compiles.
+
+`python -m circleloss_ext.aot` compiles each `Launch` listed here with its preset from presets.py.
+The argument types describe a typical large problem the way triton's JIT specialises it:
+  * operands are contiguous: their stride along D is 1, which triton turns into a constexpr 1;
+  * pointers (torch allocations) are 16-byte aligned, and D, the row strides (= D) and
+    keys_per_split (a whole number of BLOCK_N tiles) are multiples of 16: they get tt.divisibility 16;
+  * every other integer fits int32 ("i32"): even a 16M x 512 class matrix does, and the kernels
+    compute row offsets in int64; B, N and R get no divisibility hint;
+  * float scalars are fp32.
+Operands are bf16, fp16 or fp32; labels int64; norms, log-sum-exps and scratch buffers float32.
+"""
+from dataclasses import dataclass
+
+import torch
+
+from .forward import circle_forward_kernel
+from .grad_keys import circle_grad_keys_kernel
+from .grad_queries import circle_grad_queries_kernel
+from .presets import LaunchConfig, dot_precision
+from .project import project_kernel
+from .row_norm import inv_norm_kernel
+
+OPERAND_TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+_FLOAT_SCALARS = {"margin", "gamma", "eps"}
+_UNIT_STRIDES = {"stride_qd", "stride_kd", "stride_d", "stride_xd"}
+_MULTIPLES_OF_16 = {"D", "stride_qb", "stride_kn", "stride_r", "stride_xr", "keys_per_split"}
+# Label forms: class-level keys (rows of W), pair-wise against a reference set, pair-wise within the batch.
+_LABEL_FORMS = {
+    "class-level": {"CLASS_LEVEL": True, "EXCLUDE_SELF": False},
+    "pair-wise": {"CLASS_LEVEL": False, "EXCLUDE_SELF": False},
+    "pair-wise exclude-self": {"CLASS_LEVEL": False, "EXCLUDE_SELF": True},
+}
+
+
+@dataclass(frozen=True)
+class Launch:
+    """One specialisation of a kernel: `kernel` names its preset, `types` its runtime arguments'
+    triton types, `constexprs` its constexpr arguments other than the preset's block sizes."""
+    kernel: str
+    fn: object
+    variant: str
+    dtype: torch.dtype
+    types: dict
+    constexprs: dict
+
+    def compile_args(self, config: LaunchConfig) -> tuple[dict, dict, dict]:
+        """(signature, constexprs, attrs) for triton.compiler.ASTSource, with config's block sizes."""
+        names = self.fn.arg_names
+        signature = {name: self.types.get(name, "constexpr") for name in names}
+        attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(names)
+                 if name in _MULTIPLES_OF_16 or signature[name].startswith("*")}
+        return signature, {**self.constexprs, **config.blocks}, attrs
+
+
+def _launch(kernel, fn, dtype, variant, pointers, ones=(), **constexprs) -> Launch:
+    """A Launch of fn: pointer arguments point to float32 unless `pointers` says otherwise, the unit
+    strides and the arguments in `ones` are specialised to 1, the other integers are i32."""
+    ones = (_UNIT_STRIDES | set(ones)) & set(fn.arg_names)
+    types = {}
+    for p in fn.params:
+        if p.is_constexpr or p.name in ones:
+            continue
+        if p.name.endswith("_ptr"):
+            types[p.name] = "*" + pointers.get(p.name, "fp32")
+        else:
+            types[p.name] = "fp32" if p.name in _FLOAT_SCALARS else "i32"
+    return Launch(kernel, fn, f"{OPERAND_TYPES[dtype]} {variant}".rstrip(), dtype, types,
+                  {**dict.fromkeys(ones, 1), **constexprs})
+
+
+def launches(dtypes=tuple(OPERAND_TYPES)) -> list[Launch]:
+    """Every launch the package makes with operands of the given dtypes."""
+    result = []
+    for dtype in dtypes:
+        x = OPERAND_TYPES[dtype]
+        circle = {"q_ptr": x, "k_ptr": x, "q_label_ptr": "i64", "k_label_ptr": "i64"}
+        precision = dot_precision(dtype)
+        result.append(_launch("inv_norm", inv_norm_kernel, dtype, "", {"x_ptr": x}))
+        for form, flags in _LABEL_FORMS.items():
+            result.append(_launch("forward", circle_forward_kernel, dtype, form, circle,
+                                  DOT_PRECISION=precision, **flags))
+            for detach in (True, False):
+                variant = f"{form} {'detach' if detach else 'full'}-alpha"
+                result.append(_launch("grad_queries", circle_grad_queries_kernel, dtype, variant, circle,
+                                      DETACH_ALPHA=detach, DOT_PRECISION=precision, **flags))
+                result.append(_launch("grad_keys", circle_grad_keys_kernel, dtype, variant, circle,
+                                      DETACH_ALPHA=detach, DOT_PRECISION=precision, **flags))
+        # S = 1 for the key gradient (and a single key split), S > 1 for split query gradients.
+        projected = {"x_ptr": x, "out_ptr": x}
+        result.append(_launch("project", project_kernel, dtype, "S=1", projected, ones={"S"}))
+        result.append(_launch("project", project_kernel, dtype, "S>1", projected))
+    return result
