@@ -1,4 +1,7 @@
 """Public functions: validation, autocast, backend dispatch and the reduction."""
+import importlib.util
+import warnings
+
 import torch
 
 from . import reference
@@ -14,17 +17,44 @@ def _triton_runs_on(device: torch.device) -> bool:
     return interpreting()
 
 
+def cpu_extension_built() -> bool:
+    return importlib.util.find_spec("circleloss_ext._C") is not None
+
+
+_warned_no_cpu_extension = False
+
+
+def _reference_for_cpu() -> str:
+    global _warned_no_cpu_extension
+    if not _warned_no_cpu_extension:
+        warnings.warn("circleloss_ext: the C++ CPU path (circleloss_ext._C) was not built, so CPU tensors use "
+                      "the naive reference; install a C++ compiler and reinstall with "
+                      "`pip install --no-build-isolation -e .` for the fused CPU path", RuntimeWarning)
+        _warned_no_cpu_extension = True
+    return "reference"
+
+
 def resolve_backend(backend: str, x: torch.Tensor) -> str:
-    """The backend that will run: "auto" picks triton for CUDA tensors, the reference otherwise;
-    float64 always goes to the reference (the kernels compute in float32)."""
+    """The backend that will run: "auto" picks triton for CUDA tensors, cpu for CPU tensors (the
+    reference, with one warning, where the C++ extension was not built); float64 always goes to the
+    reference (the fused paths compute in float32)."""
     if backend == "triton" and not _triton_runs_on(x.device):
         raise RuntimeError(f"backend='triton' needs CUDA tensors, got tensors on {x.device}; set "
                            "TRITON_INTERPRET=1 before importing triton to run the kernels on the CPU "
-                           "(slowly), or use backend='reference'")
+                           "(slowly), or use backend='cpu' or 'reference'")
+    if backend == "cpu":
+        if x.device.type != "cpu":
+            raise RuntimeError(f"backend='cpu' needs CPU tensors, got tensors on {x.device}; use backend='triton'")
+        if not cpu_extension_built():
+            raise RuntimeError("backend='cpu' needs the C++ extension circleloss_ext._C, which was not built: "
+                               "install a C++ compiler (g++) and reinstall with "
+                               "`pip install --no-build-isolation -e .`")
     if x.dtype == torch.float64:
         return "reference"
     if backend == "auto":
-        return "triton" if x.device.type == "cuda" else "reference"
+        if x.device.type == "cuda":
+            return "triton"
+        return "cpu" if x.device.type == "cpu" and cpu_extension_built() else _reference_for_cpu()
     return backend
 
 
@@ -78,11 +108,11 @@ def circle_loss(embeddings, weight, labels, *, m=0.25, gamma=256.0, reduction="m
     check_hyperparameters(m, gamma, reduction, backend)
     if not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    (embeddings, weight), out_dtype = _autocast(embeddings, weight)
+    run = resolve_backend(backend, embeddings)
     check_label_values(labels, weight.shape[0], ignore_index)
     if 0 <= ignore_index < weight.shape[0]:  # an in-range ignore_index must not match its class
         labels = labels.masked_fill(labels == ignore_index, -1)
-    (embeddings, weight), out_dtype = _autocast(embeddings, weight)
-    run = resolve_backend(backend, embeddings)
     row_loss, has_loss = _rows(run, embeddings, weight, labels, None, m, gamma, False, detach_alpha)
     return _reduce(row_loss, has_loss, reduction, out_dtype)
 

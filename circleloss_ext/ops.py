@@ -11,9 +11,13 @@ from torch import Tensor
 
 
 def _kernels(backend: str):
+    """The module with inverse_norms, circle_forward and circle_backward for a fused backend."""
     if backend == "triton":
         from . import kernels
         return kernels
+    if backend == "cpu":
+        from . import _C
+        return _C
     raise ValueError(f"backend={backend!r} has no fused implementation")
 
 

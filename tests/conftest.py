@@ -12,3 +12,9 @@ if not torch.cuda.is_available():
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(params=["triton", "cpu"])
+def fused(request):
+    """Each fused backend: the Triton kernels and the C++ CPU path."""
+    return request.param

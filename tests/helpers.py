@@ -11,6 +11,11 @@ TOLERANCES = {
 }
 
 
+def device_for(backend):
+    """The C++ path takes CPU tensors; the Triton kernels CUDA ones (CPU ones under the interpreter)."""
+    return "cpu" if backend == "cpu" else DEVICE
+
+
 def make_inputs(B, N, D, dtype=torch.float32, num_labels=None, device=DEVICE):
     """Random non-zero embeddings (B, D), keys (N, D) and labels: class labels in [0, N) when
     num_labels is None, else pair-wise labels in [0, num_labels) for both sides."""
@@ -36,10 +41,10 @@ def to64(t):
     return t.detach().double() if t.is_floating_point() else t
 
 
-def check_against_reference(fn, tensors, dtype=torch.float32, **kwargs):
-    """fn(..., backend="triton") against fn(..., backend="reference") in float64 on the same
-    (dtype-rounded) inputs: loss and every gradient. Returns the triton loss."""
-    loss, grads = run(fn, tensors, backend="triton", **kwargs)
+def check_against_reference(fn, tensors, backend, dtype=torch.float32, **kwargs):
+    """fn(..., backend=backend) against fn(..., backend="reference") in float64 on the same
+    (dtype-rounded) inputs: loss and every gradient. Returns the fused backend's loss."""
+    loss, grads = run(fn, tensors, backend=backend, **kwargs)
     ref_loss, ref_grads = run(fn, [to64(t) for t in tensors], backend="reference", **kwargs)
     loss_tol, grad_tol = TOLERANCES[dtype]
     assert loss.dtype == dtype

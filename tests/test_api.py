@@ -7,6 +7,7 @@ import torch
 
 import circleloss_ext as cl
 import circleloss_ext.kernels  # noqa: F401  (triton reads TRITON_INTERPRET when the kernels are defined)
+from circleloss_ext import api
 from circleloss_ext.api import resolve_backend
 from helpers import DEVICE, TOLERANCES, assert_close_scaled, make_inputs, run, to64
 
@@ -79,10 +80,30 @@ def test_triton_backend_without_cuda_or_interpreter(monkeypatch):
 
 def test_backend_resolution():
     x = torch.zeros(1, device=DEVICE)
-    assert resolve_backend("auto", x) == ("triton" if DEVICE == "cuda" else "reference")
+    assert resolve_backend("auto", x) == ("triton" if DEVICE == "cuda" else "cpu")
+    assert resolve_backend("auto", x.cpu()) == "cpu"
     assert resolve_backend("triton", x) == "triton"
-    assert resolve_backend("triton", x.double()) == "reference"  # the kernels compute in float32
+    assert resolve_backend("triton", x.double()) == "reference"  # the fused paths compute in float32
+    assert resolve_backend("cpu", x.cpu().double()) == "reference"
     assert resolve_backend("reference", x) == "reference"
+
+
+def test_cpu_backend_without_the_extension(monkeypatch):
+    monkeypatch.setattr(api, "cpu_extension_built", lambda: False)
+    monkeypatch.setattr(api, "_warned_no_cpu_extension", False)
+    with pytest.raises(RuntimeError, match="backend='cpu' needs the C\\+\\+ extension circleloss_ext._C"):
+        cl.circle_loss(E, W, Y, backend="cpu")
+    with pytest.warns(RuntimeWarning, match="was not built") as warned:
+        first = cl.circle_loss(E, W, Y)
+        second = cl.circle_loss(E, W, Y)  # warned once only
+    assert len(warned) == 1
+    torch.testing.assert_close(first, cl.circle_loss(E, W, Y, backend="reference"))
+    assert torch.equal(first, second)
+
+
+def test_cpu_backend_on_another_device():
+    with pytest.raises(RuntimeError, match="backend='cpu' needs CPU tensors, got tensors on meta"):
+        resolve_backend("cpu", E.to("meta"))
 
 
 def test_true_derivative_gradcheck():

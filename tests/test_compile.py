@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import circleloss_ext as cl
-from helpers import DEVICE, assert_close_scaled
+from helpers import DEVICE, assert_close_scaled, device_for
 
 
 class FaceModel(torch.nn.Module):
@@ -18,12 +18,13 @@ class FaceModel(torch.nn.Module):
         return self.loss(emb, labels) + self.pair_loss(emb, labels % 4)
 
 
-@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("backend", ["triton", "cpu", "reference"])
 def test_fullgraph_compile(backend):
     torch._dynamo.reset()
-    model = FaceModel(backend).to(DEVICE)
-    x = torch.randn(13, 10, device=DEVICE)
-    labels = torch.randint(0, 30, (13,), device=DEVICE)
+    device = device_for(backend)
+    model = FaceModel(backend).to(device)
+    x = torch.randn(13, 10, device=device)
+    labels = torch.randint(0, 30, (13,), device=device)
     eager = model(x, labels)
     eager_grads = torch.autograd.grad(eager, list(model.parameters()))
     compiled = torch.compile(model, fullgraph=True)
@@ -34,14 +35,15 @@ def test_fullgraph_compile(backend):
         assert_close_scaled(g, e.double(), 1e-4)
 
 
-def test_fake_tensor_shapes():
+def test_fake_tensor_shapes(fused):
     """The fake implementations give the shapes and dtypes the real ops return."""
     from torch._subclasses.fake_tensor import FakeTensorMode
-    emb = torch.randn(5, 6, dtype=torch.bfloat16, device=DEVICE)
-    weight = torch.randn(9, 6, dtype=torch.bfloat16, device=DEVICE)
-    labels = torch.randint(0, 9, (5,), device=DEVICE)
-    real = torch.ops.circleloss_ext.fused_forward(emb, weight, labels, None, 0.25, 256.0, False, "triton")
+    device = device_for(fused)
+    emb = torch.randn(5, 6, dtype=torch.bfloat16, device=device)
+    weight = torch.randn(9, 6, dtype=torch.bfloat16, device=device)
+    labels = torch.randint(0, 9, (5,), device=device)
+    real = torch.ops.circleloss_ext.fused_forward(emb, weight, labels, None, 0.25, 256.0, False, fused)
     with FakeTensorMode() as mode:
         fake = torch.ops.circleloss_ext.fused_forward(mode.from_tensor(emb), mode.from_tensor(weight),
-                                                      mode.from_tensor(labels), None, 0.25, 256.0, False, "triton")
+                                                      mode.from_tensor(labels), None, 0.25, 256.0, False, fused)
     assert [(t.shape, t.dtype) for t in fake] == [(t.shape, t.dtype) for t in real]

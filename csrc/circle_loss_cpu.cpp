@@ -1,0 +1,299 @@
+// Fused Circle Loss for CPU tensors: the blockwise algorithm of the Triton kernels (docs/design.md).
+//
+// The keys are cut into tiles of kTileKeys rows, small enough that a tile of S (B x kTileKeys), its
+// normalised keys and Q-hat stay in cache. The tiles are grouped into a fixed number of contiguous
+// splits (it depends on N only, not on the thread count); each split is processed by one thread in
+// order and writes its own partial statistics, which are then combined in split order, so every
+// result is deterministic. Products go through ATen's matrix multiply (single-threaded inside the
+// parallel region); the epilogue (weights, margins, log-sum-exps, dL/ds) is fused in one pass over
+// each tile. No B x N buffer is allocated.
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <optional>
+#include <tuple>
+
+namespace {
+
+constexpr int64_t kTileKeys = 256;
+constexpr int64_t kMaxSplits = 32;
+constexpr float kEps = 1e-12f;  // as F.normalize
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+inline float max_f(float a, float b) { return a > b ? a : b; }
+inline float min_f(float a, float b) { return a < b ? a : b; }
+
+// exp(x) in float32 written so that the compiler vectorises it: Cody-Waite reduction to
+// r in [-ln2/2, ln2/2] and a degree-7 Taylor polynomial (relative error below 2e-7).
+// exp(-inf) = 0, exp(+inf) = inf, NaN stays NaN.
+#pragma omp declare simd notinbranch
+inline float vec_exp(float x) {
+  const float t = min_f(max_f(x, -87.3f), 88.7f);
+  const float n = static_cast<float>(static_cast<int32_t>(t * 1.44269504f + (t >= 0.f ? 0.5f : -0.5f)));
+  const float r = (t - n * 0.693145752f) - n * 1.42860677e-6f;
+  float p = 1.f / 5040.f;
+  p = p * r + 1.f / 720.f;
+  p = p * r + 1.f / 120.f;
+  p = p * r + 1.f / 24.f;
+  p = p * r + 1.f / 6.f;
+  p = p * r + 0.5f;
+  p = p * r + 1.f;
+  p = p * r + 1.f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  const float y = p * scale;
+  const float clipped = x < -87.3f ? 0.f : (x > 88.7f ? std::numeric_limits<float>::infinity() : y);
+  return x != x ? x : clipped;
+}
+
+// The Circle Loss formula on one similarity: the one place alpha, Delta, gamma live in C++.
+// logit: u = -gamma*alpha_p*(s - (1-m)) for a positive, v = gamma*alpha_n*(s - m) for a negative.
+// slope: d logit / d s, with alpha detached (-gamma*alpha_p, gamma*alpha_n) or not (-2gamma(1-s),
+// 2gamma*s where s > -m).
+struct Epilogue {
+  float m, gamma;
+  bool detach_alpha;
+
+  inline float logit(float s, bool pos) const {
+    const float alpha_p = max_f(1.f + m - s, 0.f);
+    const float alpha_n = max_f(s + m, 0.f);
+    return pos ? -gamma * alpha_p * (s - (1.f - m)) : gamma * alpha_n * (s - m);
+  }
+  inline float slope(float s, bool pos) const {
+    if (detach_alpha) return pos ? -gamma * max_f(1.f + m - s, 0.f) : gamma * max_f(s + m, 0.f);
+    return pos ? -2.f * gamma * (1.f - s) : (s > -m ? 2.f * gamma * s : 0.f);
+  }
+};
+
+// What every pass needs to know about the problem.
+struct Problem {
+  at::Tensor queries, keys, query_labels;
+  std::optional<at::Tensor> key_labels;  // none: class-level keys, b_j = j
+  at::Tensor q_hat;                      // (B, D) float32, normalised queries
+  at::Tensor inv_norm_k;                 // (N,) float32
+  bool exclude_self;
+  int64_t B, N, D, tiles_per_split, splits;
+
+  Problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor& ql, const std::optional<at::Tensor>& kl,
+          const at::Tensor& inv_q, const at::Tensor& inv_k, bool excl)
+      : queries(q), keys(k), query_labels(ql.contiguous()), inv_norm_k(inv_k.contiguous()), exclude_self(excl) {
+    if (kl) key_labels = kl->contiguous();
+    B = q.size(0);
+    N = k.size(0);
+    D = q.size(1);
+    q_hat = (q.to(at::kFloat) * inv_q.unsqueeze(1)).contiguous();
+    const int64_t tiles = (N + kTileKeys - 1) / kTileKeys;
+    splits = std::min(tiles, kMaxSplits);
+    tiles_per_split = (tiles + splits - 1) / splits;
+    splits = (tiles + tiles_per_split - 1) / tiles_per_split;
+  }
+
+  // b_j for the keys [j0, j0 + n).
+  void tile_labels(int64_t j0, int64_t n, int64_t* out) const {
+    const int64_t* b = key_labels ? key_labels->data_ptr<int64_t>() : nullptr;
+    for (int64_t jj = 0; jj < n; ++jj) out[jj] = b ? b[j0 + jj] : j0 + jj;
+  }
+
+  int64_t split_start(int64_t p) const { return p * tiles_per_split * kTileKeys; }
+  int64_t split_stop(int64_t p) const { return std::min(N, (p + 1) * tiles_per_split * kTileKeys); }
+
+  // Normalised keys [j0, j0 + n) into k_hat (n x D), then S = Q-hat * K-hat^T into s_tile (B x n);
+  // k_hat and s_tile come in as whole tile buffers and leave as views of their first n keys.
+  void similarity_tile(int64_t j0, int64_t n, at::Tensor& k_hat, at::Tensor& s_tile) const {
+    k_hat = k_hat.narrow(0, 0, n);
+    at::mul_out(k_hat, keys.narrow(0, j0, n), inv_norm_k.narrow(0, j0, n).unsqueeze(1));
+    s_tile = s_tile.narrow(1, 0, n);
+    at::mm_out(s_tile, q_hat, k_hat.t());
+  }
+};
+
+// Calls body(p, k_hat, s_tile) for every split p, in parallel, with per-thread tile buffers.
+template <typename Body>
+void for_each_split(const Problem& pb, const Body& body) {
+  at::parallel_for(0, pb.splits, 1, [&](int64_t p0, int64_t p1) {
+    const auto opts = at::TensorOptions().dtype(at::kFloat);
+    at::Tensor k_buf = at::empty({kTileKeys, pb.D}, opts);
+    at::Tensor s_buf = at::empty({pb.B, kTileKeys}, opts);
+    for (int64_t p = p0; p < p1; ++p) body(p, k_buf, s_buf);
+  });
+}
+
+}  // namespace
+
+at::Tensor inverse_norms(const at::Tensor& x) {
+  return at::linalg_vector_norm(x, 2, {1}, false, at::kFloat).clamp_min(kEps).reciprocal();
+}
+
+// (LP, LN): float32 (B,) log-sum-exps of each row's positive and negative logits (-inf if none).
+std::tuple<at::Tensor, at::Tensor> circle_forward(const at::Tensor& queries, const at::Tensor& keys,
+                                                  const at::Tensor& query_labels,
+                                                  const std::optional<at::Tensor>& key_labels,
+                                                  const at::Tensor& inv_norm_q, const at::Tensor& inv_norm_k,
+                                                  double margin, double gamma, bool exclude_self) {
+  const Problem pb(queries, keys, query_labels, key_labels, inv_norm_q, inv_norm_k, exclude_self);
+  const Epilogue ep{static_cast<float>(margin), static_cast<float>(gamma), true};
+  const int64_t B = pb.B;
+  at::Tensor partial = at::empty({2, pb.splits, B}, at::TensorOptions().dtype(at::kFloat));
+  float* partial_pos = partial.data_ptr<float>();
+  float* partial_neg = partial_pos + pb.splits * B;
+  const int64_t* a = pb.query_labels.data_ptr<int64_t>();
+
+  for_each_split(pb, [&](int64_t p, const at::Tensor& k_buf, const at::Tensor& s_buf) {
+    std::vector<float> max_pos(B, kNegInf), max_neg(B, kNegInf), sum_pos(B, 0.f), sum_neg(B, 0.f);
+    std::vector<float> logits(kTileKeys);
+    std::vector<int64_t> labels(kTileKeys);
+    float* z = logits.data();
+    const int64_t* b = labels.data();
+    for (int64_t j0 = pb.split_start(p); j0 < pb.split_stop(p); j0 += kTileKeys) {
+      const int64_t n = std::min(kTileKeys, pb.split_stop(p) - j0);
+      at::Tensor k_hat = k_buf, s_tile = s_buf;
+      pb.similarity_tile(j0, n, k_hat, s_tile);
+      const float* S = s_tile.data_ptr<float>();
+      const int64_t ld = s_tile.stride(0);
+      pb.tile_labels(j0, n, labels.data());
+      const bool in_batch = pb.exclude_self;  // in-batch keys: key j0 + jj is row i itself when equal
+      for (int64_t i = 0; i < B; ++i) {
+        const float* s = S + i * ld;
+        const int64_t label = a[i];
+        float tile_max_pos = kNegInf, tile_max_neg = kNegInf;
+#pragma omp simd reduction(max : tile_max_pos, tile_max_neg)
+        for (int64_t jj = 0; jj < n; ++jj) {
+          const bool pos = b[jj] == label;
+          const float logit = in_batch && j0 + jj == i ? kNegInf : ep.logit(s[jj], pos);
+          z[jj] = logit;
+          tile_max_pos = max_f(tile_max_pos, pos ? logit : kNegInf);
+          tile_max_neg = max_f(tile_max_neg, pos ? kNegInf : logit);
+        }
+        const float new_max_pos = max_f(max_pos[i], tile_max_pos);
+        const float new_max_neg = max_f(max_neg[i], tile_max_neg);
+        const float shift_pos = new_max_pos == kNegInf ? 0.f : new_max_pos;
+        const float shift_neg = new_max_neg == kNegInf ? 0.f : new_max_neg;
+        float add_pos = 0.f, add_neg = 0.f;
+#pragma omp simd reduction(+ : add_pos, add_neg)
+        for (int64_t jj = 0; jj < n; ++jj) {
+          const bool pos = b[jj] == label;
+          const float e = vec_exp(z[jj] - (pos ? shift_pos : shift_neg));
+          add_pos += pos ? e : 0.f;
+          add_neg += pos ? 0.f : e;
+        }
+        // NaN logits: std::max may drop them from the maxima, but they reach the sums through exp.
+        sum_pos[i] = sum_pos[i] * vec_exp(max_pos[i] - shift_pos) + add_pos;
+        sum_neg[i] = sum_neg[i] * vec_exp(max_neg[i] - shift_neg) + add_neg;
+        max_pos[i] = new_max_pos;
+        max_neg[i] = new_max_neg;
+      }
+    }
+    for (int64_t i = 0; i < B; ++i) {
+      partial_pos[p * B + i] = max_pos[i] + std::log(sum_pos[i]);
+      partial_neg[p * B + i] = max_neg[i] + std::log(sum_neg[i]);
+    }
+  });
+  const at::Tensor lse = at::logsumexp(partial, {1});
+  return {lse[0].clone(), lse[1].clone()};
+}
+
+// (dL/dqueries, dL/dkeys) in the inputs' dtypes (empty where not asked for). grad_rows: float32 (B,).
+std::tuple<at::Tensor, at::Tensor> circle_backward(
+    const at::Tensor& grad_rows, const at::Tensor& queries, const at::Tensor& keys, const at::Tensor& query_labels,
+    const std::optional<at::Tensor>& key_labels, const at::Tensor& inv_norm_q, const at::Tensor& inv_norm_k,
+    const at::Tensor& lse_pos, const at::Tensor& lse_neg, double margin, double gamma, bool exclude_self,
+    bool detach_alpha, bool need_queries, bool need_keys) {
+  const Problem pb(queries, keys, query_labels, key_labels, inv_norm_q, inv_norm_k, exclude_self);
+  const Epilogue ep{static_cast<float>(margin), static_cast<float>(gamma), detach_alpha};
+  const int64_t B = pb.B, D = pb.D;
+  const at::Tensor row_scale = (at::sigmoid(lse_pos + lse_neg) * grad_rows).contiguous();  // sigma_i
+  const at::Tensor lp = lse_pos.contiguous(), ln = lse_neg.contiguous();
+  const float* sigma = row_scale.data_ptr<float>();
+  const float* lse_p = lp.data_ptr<float>();
+  const float* lse_n = ln.data_ptr<float>();
+  const int64_t* a = pb.query_labels.data_ptr<int64_t>();
+  const float* k_inv = pb.inv_norm_k.data_ptr<float>();
+
+  const auto opts = at::TensorOptions().dtype(at::kFloat);
+  // Per split: R_p = G K-hat over the split's keys (B x D), and the row sums of G o S (q-hat . R_p).
+  at::Tensor raw_q = need_queries ? at::zeros({pb.splits, B, D}, opts) : at::Tensor();
+  at::Tensor radial_q = at::zeros({pb.splits, B}, opts);
+  at::Tensor grad_k = need_keys ? at::empty({pb.N, D}, keys.options()) : keys.new_empty({0});
+
+  for_each_split(pb, [&](int64_t p, const at::Tensor& k_buf, const at::Tensor& s_buf) {
+    float* radial = radial_q.data_ptr<float>() + p * B;
+    std::vector<float> radial_k_buf(kTileKeys);
+    std::vector<int64_t> labels(kTileKeys);
+    float* radial_k = radial_k_buf.data();
+    const int64_t* b = labels.data();
+    at::Tensor cc = need_keys ? at::empty({kTileKeys, D}, opts) : at::Tensor();
+    at::Tensor r_split = need_queries ? raw_q[p] : at::Tensor();
+    for (int64_t j0 = pb.split_start(p); j0 < pb.split_stop(p); j0 += kTileKeys) {
+      const int64_t n = std::min(kTileKeys, pb.split_stop(p) - j0);
+      at::Tensor k_hat = k_buf, g_tile = s_buf;
+      pb.similarity_tile(j0, n, k_hat, g_tile);
+      const int64_t ld = g_tile.stride(0);
+      pb.tile_labels(j0, n, labels.data());
+      const bool in_batch = pb.exclude_self;
+      std::fill(radial_k, radial_k + n, 0.f);
+      for (int64_t i = 0; i < B; ++i) {
+        float* g_row = g_tile.data_ptr<float>() + i * ld;  // s_ij on entry, dL/ds_ij on exit
+        const int64_t label = a[i];
+        const float row_sigma = sigma[i], row_lse_pos = lse_p[i], row_lse_neg = lse_n[i];
+        float row_radial = 0.f;
+#pragma omp simd reduction(+ : row_radial)
+        for (int64_t jj = 0; jj < n; ++jj) {
+          const bool pos = b[jj] == label;
+          const float s = g_row[jj];
+          const float e = vec_exp(ep.logit(s, pos) - (pos ? row_lse_pos : row_lse_neg));
+          const float g = in_batch && j0 + jj == i ? 0.f : row_sigma * e * ep.slope(s, pos);
+          g_row[jj] = g;
+          row_radial += g * s;
+          radial_k[jj] += g * s;
+        }
+        radial[i] += row_radial;
+      }
+      if (need_queries) r_split.addmm_(g_tile, k_hat);
+      if (need_keys) {
+        at::Tensor cc_tile = cc.narrow(0, 0, n);
+        at::mm_out(cc_tile, g_tile.t(), pb.q_hat);
+        // dL/dk_j = (Cc_j - (k-hat_j . Cc_j) k-hat_j) / |k_j|, with k-hat_j . Cc_j = sum_i G_ij s_ij.
+        float* c = cc_tile.data_ptr<float>();
+        const float* kh = k_hat.data_ptr<float>();
+        for (int64_t jj = 0; jj < n; ++jj) {
+          for (int64_t d = 0; d < D; ++d) {
+            c[jj * D + d] = (c[jj * D + d] - radial_k[jj] * kh[jj * D + d]) * k_inv[j0 + jj];
+          }
+        }
+        grad_k.narrow(0, j0, n).copy_(cc_tile);
+      }
+    }
+  });
+
+  at::Tensor grad_q = queries.new_empty({0});
+  if (need_queries) {
+    // Splits are added in order; dL/dq_i = (R_i - (q-hat_i . R_i) q-hat_i) / |q_i|.
+    at::Tensor r = raw_q[0].clone();
+    at::Tensor radial = radial_q[0].clone();
+    for (int64_t p = 1; p < pb.splits; ++p) {
+      r.add_(raw_q[p]);
+      radial.add_(radial_q[p]);
+    }
+    grad_q = ((r - radial.unsqueeze(1) * pb.q_hat) * inv_norm_q.unsqueeze(1)).to(queries.scalar_type());
+  }
+  return {grad_q, grad_k};
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "circleloss-ext: fused Circle Loss for CPU tensors";
+  m.def("inverse_norms", &inverse_norms, "1 / max(|x_r|, eps) per row, float32", py::arg("x"));
+  m.def("circle_forward", &circle_forward, "(LP, LN) per row", py::arg("queries"), py::arg("keys"),
+        py::arg("query_labels"), py::arg("key_labels"), py::arg("inv_norm_q"), py::arg("inv_norm_k"),
+        py::arg("margin"), py::arg("gamma"), py::arg("exclude_self"));
+  m.def("circle_backward", &circle_backward, "(dL/dqueries, dL/dkeys)", py::arg("grad_rows"), py::arg("queries"),
+        py::arg("keys"), py::arg("query_labels"), py::arg("key_labels"), py::arg("inv_norm_q"),
+        py::arg("inv_norm_k"), py::arg("lse_pos"), py::arg("lse_neg"), py::arg("margin"), py::arg("gamma"),
+        py::arg("exclude_self"), py::arg("detach_alpha"), py::arg("need_queries"), py::arg("need_keys"));
+}
