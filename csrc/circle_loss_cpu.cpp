@@ -26,18 +26,46 @@ constexpr int64_t kMaxSplits = 32;
 constexpr float kEps = 1e-12f;  // as F.normalize
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
-inline float max_f(float a, float b) { return a > b ? a : b; }
-inline float min_f(float a, float b) { return a < b ? a : b; }
+// The epilogue works on kLanes similarities at a time with GCC/Clang vector extensions, so it is
+// vectorised whatever the compiler's loop heuristics decide (AVX-512: one register per vector).
+constexpr int64_t kLanes = 16;
+typedef float vfloat __attribute__((vector_size(kLanes * sizeof(float))));
+typedef int32_t vint __attribute__((vector_size(kLanes * sizeof(int32_t))));
+typedef int64_t vlong __attribute__((vector_size(kLanes * sizeof(int64_t))));
+static_assert(kTileKeys % kLanes == 0, "tiles hold whole vectors");
 
-// exp(x) in float32 written so that the compiler vectorises it: Cody-Waite reduction to
-// r in [-ln2/2, ln2/2] and a degree-7 Taylor polynomial (relative error below 2e-7).
-// exp(-inf) = 0, exp(+inf) = inf, NaN stays NaN.
-#pragma omp declare simd notinbranch
-inline float vec_exp(float x) {
-  const float t = min_f(max_f(x, -87.3f), 88.7f);
-  const float n = static_cast<float>(static_cast<int32_t>(t * 1.44269504f + (t >= 0.f ? 0.5f : -0.5f)));
-  const float r = (t - n * 0.693145752f) - n * 1.42860677e-6f;
-  float p = 1.f / 5040.f;
+inline vfloat splat(float x) { return vfloat{} + x; }
+template <typename V, typename T>
+inline V load(const T* p) {
+  V v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+template <typename V, typename T>
+inline void store(T* p, V v) { std::memcpy(p, &v, sizeof(v)); }
+inline vfloat vmax(vfloat a, vfloat b) { return a > b ? a : b; }
+inline float hmax(vfloat v) {
+  float m = v[0];
+  for (int64_t l = 1; l < kLanes; ++l) m = v[l] > m ? v[l] : m;
+  return m;
+}
+inline float hsum(vfloat v) {
+  float s = 0.f;
+  for (int64_t l = 0; l < kLanes; ++l) s += v[l];
+  return s;
+}
+
+// exp(x) lane by lane: Cody-Waite reduction to r in [-ln2/2, ln2/2] and a degree-7 Taylor
+// polynomial (relative error below 2e-7). exp(x) = 0 below -87.3 (where float32 leaves normal
+// numbers), inf above 88.7, and NaN stays NaN.
+inline vfloat vexp(vfloat x) {
+  const float lo = -87.3f, hi = 88.7f;
+  vfloat t = x < lo ? splat(lo) : x;
+  t = t > hi ? splat(hi) : t;
+  const vint n = __builtin_convertvector(t * 1.44269504f + (t >= 0.f ? splat(0.5f) : splat(-0.5f)), vint);
+  const vfloat nf = __builtin_convertvector(n, vfloat);
+  const vfloat r = (t - nf * 0.693145752f) - nf * 1.42860677e-6f;
+  vfloat p = splat(1.f / 5040.f);
   p = p * r + 1.f / 720.f;
   p = p * r + 1.f / 120.f;
   p = p * r + 1.f / 24.f;
@@ -45,15 +73,13 @@ inline float vec_exp(float x) {
   p = p * r + 0.5f;
   p = p * r + 1.f;
   p = p * r + 1.f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  const float y = p * scale;
-  const float clipped = x < -87.3f ? 0.f : (x > 88.7f ? std::numeric_limits<float>::infinity() : y);
-  return x != x ? x : clipped;
+  vfloat y = p * (vfloat)((n + 127) << 23);  // p * 2^n, building the exponent bits
+  y = x < lo ? splat(0.f) : y;
+  y = x > hi ? splat(std::numeric_limits<float>::infinity()) : y;
+  return x != x ? x : y;
 }
 
-// The Circle Loss formula on one similarity: the one place alpha, Delta, gamma live in C++.
+// The Circle Loss formula on kLanes similarities: the one place alpha, Delta, gamma live in C++.
 // logit: u = -gamma*alpha_p*(s - (1-m)) for a positive, v = gamma*alpha_n*(s - m) for a negative.
 // slope: d logit / d s, with alpha detached (-gamma*alpha_p, gamma*alpha_n) or not (-2gamma(1-s),
 // 2gamma*s where s > -m).
@@ -61,16 +87,31 @@ struct Epilogue {
   float m, gamma;
   bool detach_alpha;
 
-  inline float logit(float s, bool pos) const {
-    const float alpha_p = max_f(1.f + m - s, 0.f);
-    const float alpha_n = max_f(s + m, 0.f);
+  inline vfloat logit(vfloat s, vint pos) const {
+    const vfloat alpha_p = vmax(1.f + m - s, splat(0.f));
+    const vfloat alpha_n = vmax(s + m, splat(0.f));
     return pos ? -gamma * alpha_p * (s - (1.f - m)) : gamma * alpha_n * (s - m);
   }
-  inline float slope(float s, bool pos) const {
-    if (detach_alpha) return pos ? -gamma * max_f(1.f + m - s, 0.f) : gamma * max_f(s + m, 0.f);
-    return pos ? -2.f * gamma * (1.f - s) : (s > -m ? 2.f * gamma * s : 0.f);
+  inline vfloat slope(vfloat s, vint pos) const {
+    if (detach_alpha) return pos ? -gamma * vmax(1.f + m - s, splat(0.f)) : gamma * vmax(s + m, splat(0.f));
+    return pos ? -2.f * gamma * (1.f - s) : (s > -m ? 2.f * gamma * s : splat(0.f));
   }
 };
+
+// Lane masks for the keys [j0 + jj, j0 + jj + kLanes) of row i: positives (b_j == a_i) and pairs
+// (j < the tile's end, and j != i for in-batch keys).
+struct LaneMasks {
+  vint pos, pair;
+};
+inline LaneMasks lane_masks(const int64_t* tile_labels, int64_t jj, int64_t n, int64_t label, bool in_batch,
+                            int64_t j0, int64_t i) {
+  vint lane;
+  for (int64_t l = 0; l < kLanes; ++l) lane[l] = static_cast<int32_t>(l);
+  const vint key = lane + static_cast<int32_t>(jj);
+  const vint is_self = in_batch ? (key + static_cast<int32_t>(j0 - i) == 0) : vint{};
+  const vint pos = __builtin_convertvector(load<vlong>(tile_labels + jj) == label, vint);
+  return {pos, (key < static_cast<int32_t>(n)) & ~is_self};
+}
 
 // What every pass needs to know about the problem.
 struct Problem {
@@ -119,8 +160,8 @@ template <typename Body>
 void for_each_split(const Problem& pb, const Body& body) {
   at::parallel_for(0, pb.splits, 1, [&](int64_t p0, int64_t p1) {
     const auto opts = at::TensorOptions().dtype(at::kFloat);
-    at::Tensor k_buf = at::empty({kTileKeys, pb.D}, opts);
-    at::Tensor s_buf = at::empty({pb.B, kTileKeys}, opts);
+    at::Tensor k_buf = at::zeros({kTileKeys, pb.D}, opts);
+    at::Tensor s_buf = at::zeros({pb.B, kTileKeys}, opts);  // whole vectors are read past a short tile
     for (int64_t p = p0; p < p1; ++p) body(p, k_buf, s_buf);
   });
 }
@@ -161,31 +202,28 @@ std::tuple<at::Tensor, at::Tensor> circle_forward(const at::Tensor& queries, con
       const bool in_batch = pb.exclude_self;  // in-batch keys: key j0 + jj is row i itself when equal
       for (int64_t i = 0; i < B; ++i) {
         const float* s = S + i * ld;
-        const int64_t label = a[i];
-        float tile_max_pos = kNegInf, tile_max_neg = kNegInf;
-#pragma omp simd reduction(max : tile_max_pos, tile_max_neg)
-        for (int64_t jj = 0; jj < n; ++jj) {
-          const bool pos = b[jj] == label;
-          const float logit = in_batch && j0 + jj == i ? kNegInf : ep.logit(s[jj], pos);
-          z[jj] = logit;
-          tile_max_pos = max_f(tile_max_pos, pos ? logit : kNegInf);
-          tile_max_neg = max_f(tile_max_neg, pos ? kNegInf : logit);
+        vfloat tile_max_pos = splat(kNegInf), tile_max_neg = splat(kNegInf);
+        for (int64_t jj = 0; jj < n; jj += kLanes) {
+          const LaneMasks lanes = lane_masks(b, jj, n, a[i], in_batch, j0, i);
+          const vfloat logit = lanes.pair ? ep.logit(load<vfloat>(s + jj), lanes.pos) : splat(kNegInf);
+          store(z + jj, logit);
+          tile_max_pos = vmax(tile_max_pos, lanes.pos ? logit : splat(kNegInf));
+          tile_max_neg = vmax(tile_max_neg, lanes.pos ? splat(kNegInf) : logit);
         }
-        const float new_max_pos = max_f(max_pos[i], tile_max_pos);
-        const float new_max_neg = max_f(max_neg[i], tile_max_neg);
+        const float new_max_pos = std::max(max_pos[i], hmax(tile_max_pos));
+        const float new_max_neg = std::max(max_neg[i], hmax(tile_max_neg));
         const float shift_pos = new_max_pos == kNegInf ? 0.f : new_max_pos;
         const float shift_neg = new_max_neg == kNegInf ? 0.f : new_max_neg;
-        float add_pos = 0.f, add_neg = 0.f;
-#pragma omp simd reduction(+ : add_pos, add_neg)
-        for (int64_t jj = 0; jj < n; ++jj) {
-          const bool pos = b[jj] == label;
-          const float e = vec_exp(z[jj] - (pos ? shift_pos : shift_neg));
-          add_pos += pos ? e : 0.f;
-          add_neg += pos ? 0.f : e;
+        vfloat add_pos = splat(0.f), add_neg = splat(0.f);
+        for (int64_t jj = 0; jj < n; jj += kLanes) {
+          const vint pos = lane_masks(b, jj, n, a[i], in_batch, j0, i).pos;
+          const vfloat e = vexp(load<vfloat>(z + jj) - (pos ? splat(shift_pos) : splat(shift_neg)));
+          add_pos += pos ? e : splat(0.f);
+          add_neg += pos ? splat(0.f) : e;
         }
-        // NaN logits: std::max may drop them from the maxima, but they reach the sums through exp.
-        sum_pos[i] = sum_pos[i] * vec_exp(max_pos[i] - shift_pos) + add_pos;
-        sum_neg[i] = sum_neg[i] * vec_exp(max_neg[i] - shift_neg) + add_neg;
+        // NaN logits may be dropped from the maxima, but they reach the sums through exp.
+        sum_pos[i] = sum_pos[i] * std::exp(max_pos[i] - shift_pos) + hsum(add_pos);
+        sum_neg[i] = sum_neg[i] * std::exp(max_neg[i] - shift_neg) + hsum(add_neg);
         max_pos[i] = new_max_pos;
         max_neg[i] = new_max_neg;
       }
@@ -240,20 +278,18 @@ std::tuple<at::Tensor, at::Tensor> circle_backward(
       std::fill(radial_k, radial_k + n, 0.f);
       for (int64_t i = 0; i < B; ++i) {
         float* g_row = g_tile.data_ptr<float>() + i * ld;  // s_ij on entry, dL/ds_ij on exit
-        const int64_t label = a[i];
-        const float row_sigma = sigma[i], row_lse_pos = lse_p[i], row_lse_neg = lse_n[i];
-        float row_radial = 0.f;
-#pragma omp simd reduction(+ : row_radial)
-        for (int64_t jj = 0; jj < n; ++jj) {
-          const bool pos = b[jj] == label;
-          const float s = g_row[jj];
-          const float e = vec_exp(ep.logit(s, pos) - (pos ? row_lse_pos : row_lse_neg));
-          const float g = in_batch && j0 + jj == i ? 0.f : row_sigma * e * ep.slope(s, pos);
-          g_row[jj] = g;
+        const vfloat lse_pos_i = splat(lse_p[i]), lse_neg_i = splat(lse_n[i]), sigma_i = splat(sigma[i]);
+        vfloat row_radial = splat(0.f);
+        for (int64_t jj = 0; jj < n; jj += kLanes) {
+          const LaneMasks lanes = lane_masks(b, jj, n, a[i], in_batch, j0, i);
+          const vfloat s = lanes.pair ? load<vfloat>(g_row + jj) : splat(0.f);
+          const vfloat e = vexp(ep.logit(s, lanes.pos) - (lanes.pos ? lse_pos_i : lse_neg_i));
+          const vfloat g = lanes.pair ? sigma_i * e * ep.slope(s, lanes.pos) : splat(0.f);
+          store(g_row + jj, g);
           row_radial += g * s;
-          radial_k[jj] += g * s;
+          store(radial_k + jj, load<vfloat>(radial_k + jj) + g * s);
         }
-        radial[i] += row_radial;
+        radial[i] += hsum(row_radial);
       }
       if (need_queries) r_split.addmm_(g_tile, k_hat);
       if (need_keys) {
