@@ -15,6 +15,15 @@ def circle_loss_rows(queries, keys, query_labels, key_labels, *, margin, gamma, 
     key_labels b_j; for class-level keys (rows of W) pass b_j = j. With exclude_self the keys are the
     queries and the pair (i, i) is left out. Math in float32 (float64 for float64 inputs).
     """
+    lse_pos, lse_neg, has_pos, has_neg = circle_lse(queries, keys, query_labels, key_labels, margin=margin,
+                                                    gamma=gamma, exclude_self=exclude_self,
+                                                    detach_alpha=detach_alpha)
+    return F.softplus(lse_pos + lse_neg), has_pos & has_neg
+
+
+def circle_lse(queries, keys, query_labels, key_labels, *, margin, gamma, exclude_self, detach_alpha):
+    """(LP, LN, has_pos, has_neg): the log-sum-exps of each row's positive and negative logits
+    (-inf where there is none), by the paper's equations on a materialised S."""
     dtype = torch.promote_types(queries.dtype, torch.float32)
     with torch.autocast(queries.device.type, enabled=False):
         s = F.normalize(queries.to(dtype), dim=1, eps=EPS) @ F.normalize(keys.to(dtype), dim=1, eps=EPS).T
@@ -37,5 +46,4 @@ def circle_loss_rows(queries, keys, query_labels, key_labels, *, margin, gamma, 
 
     lse_pos = torch.logsumexp(u.masked_fill(~positive, float("-inf")), dim=1)
     lse_neg = torch.logsumexp(v.masked_fill(~negative, float("-inf")), dim=1)
-    has_loss = positive.any(dim=1) & negative.any(dim=1)
-    return F.softplus(lse_pos + lse_neg), has_loss
+    return lse_pos, lse_neg, positive.any(dim=1), negative.any(dim=1)

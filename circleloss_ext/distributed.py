@@ -1,0 +1,252 @@
+"""Class-sharded Circle Loss over torch.distributed (model parallelism over the class dimension, as
+insightface's Partial FC does for softmax losses).
+
+Rank r of W owns the contiguous rows [class_start, class_stop) of the class matrix. Each step the
+embeddings and labels of the global batch are all-gathered; every rank scores the global batch
+against its rows only (the fused kernels, never a B × C tensor) and keeps per-row partial
+log-sum-exps LP_r, LN_r; all-reduces (max, then sum of exp) turn them into the global LP, LN; and
+backward runs the fused backward of each shard against those global statistics. No rank ever holds
+another rank's rows or their gradients.
+"""
+import math
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from . import ops, reference
+from .api import resolve_backend
+from .validation import check_hyperparameters, check_matrix
+
+_NEG_INF = float("-inf")
+
+
+def shard_range(num_classes: int, world_size: int, rank: int) -> tuple[int, int]:
+    """[class_start, class_stop) of rank: num_classes // W rows, one more for the first num_classes % W ranks."""
+    base, extra = divmod(num_classes, world_size)
+    start = rank * base + min(rank, extra)
+    return start, start + base + (rank < extra)
+
+
+def _all_reduce_lse(lse: torch.Tensor, group) -> torch.Tensor:
+    """log Σ_r exp(lse_r) over the ranks, elementwise; -inf where every rank has -inf."""
+    top = lse.clone()
+    dist.all_reduce(top, op=dist.ReduceOp.MAX, group=group)
+    shift = torch.where(top > _NEG_INF, top, torch.zeros_like(top))
+    total = torch.exp(lse - shift)
+    dist.all_reduce(total, op=dist.ReduceOp.SUM, group=group)
+    return shift + torch.log(total)
+
+
+def _all_gather(x: torch.Tensor, group, world_size: int) -> torch.Tensor:
+    parts = [torch.empty_like(x) for _ in range(world_size)]
+    dist.all_gather(parts, x.contiguous(), group=group)
+    return torch.cat(parts)
+
+
+class _ShardPartial:
+    """Partial statistics of the global batch against one shard, and their backward, on one backend.
+
+    Fused backends go through the custom ops; the reference materialises the shard's similarities
+    and differentiates a surrogate whose gradient is the shard's part of the global gradient:
+    Σ_i σ_i (e^(LP_i^r - LP_i) + e^(LN_i^r - LN_i)) with σ, LP, LN held constant.
+    """
+
+    def __init__(self, backend, margin, gamma, detach_alpha):
+        self.backend, self.margin, self.gamma, self.detach_alpha = backend, margin, gamma, detach_alpha
+
+    def forward(self, queries, keys, labels):
+        if self.backend == "reference":
+            key_labels = torch.arange(keys.shape[0], device=keys.device)
+            with torch.no_grad():
+                lse_pos, lse_neg, _, _ = reference.circle_lse(
+                    queries, keys, labels, key_labels, margin=self.margin, gamma=self.gamma, exclude_self=False,
+                    detach_alpha=self.detach_alpha)
+            return lse_pos, lse_neg, ()
+        _, lse_pos, lse_neg, inv_norm_q, inv_norm_k = ops.fused_forward(
+            queries, keys, labels, None, self.margin, self.gamma, False, self.backend)
+        return lse_pos, lse_neg, (inv_norm_q, inv_norm_k)
+
+    def backward(self, grad_rows, queries, keys, labels, lse_pos, lse_neg, saved, need_keys):
+        if self.backend == "reference":
+            row_scale = torch.sigmoid(lse_pos + lse_neg) * grad_rows
+            safe_pos = torch.where(lse_pos > _NEG_INF, lse_pos, torch.zeros_like(lse_pos))
+            safe_neg = torch.where(lse_neg > _NEG_INF, lse_neg, torch.zeros_like(lse_neg))
+            with torch.enable_grad():
+                q, k = queries.detach().requires_grad_(), keys.detach().requires_grad_()
+                part_pos, part_neg, _, _ = reference.circle_lse(
+                    q, k, labels, torch.arange(k.shape[0], device=k.device), margin=self.margin, gamma=self.gamma,
+                    exclude_self=False, detach_alpha=self.detach_alpha)
+                surrogate = (row_scale * (torch.exp(part_pos - safe_pos) + torch.exp(part_neg - safe_neg))).sum()
+                return torch.autograd.grad(surrogate, (q, k))
+        inv_norm_q, inv_norm_k = saved
+        grad_q, grad_k = ops.fused_backward(
+            grad_rows, queries, keys, labels, None, inv_norm_q, inv_norm_k, lse_pos, lse_neg, self.margin,
+            self.gamma, False, self.detach_alpha, True, need_keys, self.backend)
+        return grad_q, (grad_k if need_keys else None)
+
+
+class _ShardedCircleLossFunction(torch.autograd.Function):
+    """Global mean Circle Loss of the gathered batch; see ShardedCircleLoss for the gradient contract."""
+
+    @staticmethod
+    def forward(ctx, local_embeddings, keys, labels, partial, group, rank, world_size):
+        """labels: the gathered batch's labels as indices into keys (-1 for classes outside them)."""
+        queries = _all_gather(local_embeddings, group, world_size)
+        part_pos, part_neg, saved = partial.forward(queries, keys, labels)
+        lse_pos = _all_reduce_lse(part_pos, group)
+        lse_neg = _all_reduce_lse(part_neg, group)
+        count = ((lse_pos > _NEG_INF) & (lse_neg > _NEG_INF)).sum().clamp_min(1)
+        ctx.save_for_backward(queries, keys, labels, lse_pos, lse_neg, count, *saved)
+        ctx.partial, ctx.group, ctx.rank, ctx.world_size = partial, group, rank, world_size
+        return F.softplus(lse_pos + lse_neg).sum() / count
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        queries, keys, labels, lse_pos, lse_neg, count, *saved = ctx.saved_tensors
+        grad_rows = (grad_loss / count).to(lse_pos.dtype).expand(queries.shape[0]).contiguous()
+        grad_q, grad_k = ctx.partial.backward(grad_rows, queries, keys, labels, lse_pos, lse_neg, saved,
+                                              ctx.needs_input_grad[1])
+        grad_q = grad_q.contiguous()
+        dist.all_reduce(grad_q, op=dist.ReduceOp.SUM, group=ctx.group)  # every shard's part of dL/dq
+        rows = grad_q.shape[0] // ctx.world_size
+        grad_local = grad_q[ctx.rank * rows:(ctx.rank + 1) * rows] * ctx.world_size  # DDP then averages
+        return grad_local, grad_k, None, None, None, None, None
+
+
+class ShardedCircleLoss(nn.Module):
+    """Class-level Circle Loss with the class matrix sharded over the ranks of a process group.
+
+    Rank r of W owns rows [class_start, class_stop) of W (num_classes // W of them, one more on the
+    first num_classes % W ranks), exposed as `weight`, `class_start`, `class_stop`.
+
+    forward(local_embeddings (b, D), local_labels int64 (b,), global class ids in [0, num_classes))
+    returns the loss of the whole global batch (the mean over its W·b rows), the same on every rank.
+    Every rank must call it with the same b.
+
+    Gradient contract:
+      * `weight` receives exactly ∂L/∂(its rows) of the global loss L;
+      * local_embeddings receive W · ∂L/∂(local rows), so that a backbone wrapped in
+        DistributedDataParallel, which averages its gradients over the W ranks, gets exactly the
+        gradient of single-process training on the concatenated batch. Wrap the backbone in DDP,
+        not this module (its parameters differ per rank by design).
+
+    sample_rate < 1 is Partial FC's negative-class sampling: each step keeps every class of the
+    shard that is positive anywhere in the global batch, plus a random subset of the other rows of
+    the shard, up to ceil(sample_rate · shard rows) in all (never fewer than the positives). Rows not
+    sampled get exactly zero gradient; `last_sampled` holds the local indices sampled by the last
+    forward. The draw comes from a generator seeded with (seed, rank): reproducible for a seed; the
+    positives, decided by the gathered labels, are the same on every rank.
+
+    backend: "auto" (triton for CUDA tensors, cpu for CPU tensors, the reference for float64),
+    "triton", "cpu" or "reference". Works over NCCL with CUDA tensors and gloo with CPU tensors.
+    """
+
+    def __init__(self, num_classes, embedding_dim, *, process_group=None, m=0.25, gamma=256.0, sample_rate=1.0,
+                 detach_alpha=True, backend="auto", seed=0, device=None, dtype=None):
+        super().__init__()
+        if not (dist.is_available() and dist.is_initialized()):
+            raise RuntimeError("ShardedCircleLoss needs an initialised process group: call "
+                               "torch.distributed.init_process_group first (e.g. under torchrun)")
+        check_hyperparameters(m, gamma, "mean", backend)
+        if not isinstance(embedding_dim, int) or embedding_dim < 1:
+            raise ValueError(f"embedding_dim must be a positive int, got {embedding_dim!r}")
+        if not (isinstance(sample_rate, (int, float)) and 0 < sample_rate <= 1):
+            raise ValueError(f"sample_rate must lie in (0, 1], got {sample_rate!r}")
+        self.group = process_group
+        self.rank = dist.get_rank(process_group)
+        self.world_size = dist.get_world_size(process_group)
+        if not isinstance(num_classes, int) or num_classes < self.world_size:
+            raise ValueError(f"num_classes must be an int of at least the world size {self.world_size}, "
+                             f"got {num_classes!r}")
+        self.num_classes, self.embedding_dim = num_classes, embedding_dim
+        self.class_start, self.class_stop = shard_range(num_classes, self.world_size, self.rank)
+        self.m, self.gamma, self.sample_rate, self.detach_alpha, self.backend = m, gamma, sample_rate, detach_alpha, \
+            backend
+        self.weight = nn.Parameter(torch.empty(self.class_stop - self.class_start, embedding_dim, device=device,
+                                               dtype=dtype))
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))  # nn.Linear's, as CircleLoss
+        self.generator = torch.Generator(device=self.weight.device)
+        self.generator.manual_seed(seed * 1_000_003 + self.rank)
+        self.last_sampled = None
+
+    def _check_batch(self, embeddings, labels):
+        """Shapes locally, then one small all-gather so that every rank raises the same error."""
+        check_matrix("local_embeddings", embeddings)
+        if not isinstance(labels, torch.Tensor) or labels.dtype != torch.int64 or labels.shape != embeddings.shape[:1]:
+            raise ValueError(f"local_labels must be an int64 tensor of shape ({embeddings.shape[0]},)")
+        out_of_range = ((labels < 0) | (labels >= self.num_classes)).any()
+        facts = torch.stack([torch.tensor(embeddings.shape[0]), torch.tensor(embeddings.shape[1]),
+                             out_of_range.cpu().long()]).to(self.weight.device)
+        every = _all_gather(facts[None], self.group, self.world_size).tolist()
+        sizes = [f[0] for f in every]
+        if len(set(sizes)) > 1:
+            raise ValueError(f"every rank must pass the same number of local_embeddings rows; got {sizes} by rank")
+        dims = [f[1] for f in every]
+        if any(d != self.embedding_dim for d in dims):
+            raise ValueError(f"local_embeddings must have embedding_dim = {self.embedding_dim} columns; got {dims} "
+                             "by rank")
+        bad = [r for r, f in enumerate(every) if f[2]]
+        if bad:
+            raise ValueError(f"local_labels must lie in [0, num_classes={self.num_classes}); ranks {bad} passed "
+                             "labels outside")
+
+    def _sample(self, labels):
+        """(the shard rows used this step, or None for all; the global labels as indices into them,
+        -1 for classes outside)."""
+        rows = self.class_stop - self.class_start
+        local = labels - self.class_start
+        in_shard = (local >= 0) & (local < rows)
+        if self.sample_rate >= 1:
+            return None, torch.where(in_shard, local, -1)
+        keep = max(1, math.ceil(self.sample_rate * rows))
+        score = torch.rand(rows, generator=self.generator, device=self.weight.device)
+        score[local[in_shard]] = 2.0  # positives outrank every random score
+        keep = max(keep, int((score == 2.0).sum()))
+        sampled = torch.topk(score, keep, sorted=False).indices.sort().values
+        position = torch.full((rows,), -1, dtype=torch.int64, device=self.weight.device)
+        position[sampled] = torch.arange(keep, device=self.weight.device)
+        return sampled, torch.where(in_shard, position[local.clamp(0, rows - 1)], -1)
+
+    def forward(self, local_embeddings, local_labels):
+        self._check_batch(local_embeddings, local_labels)
+        if local_embeddings.device != self.weight.device or local_embeddings.dtype != self.weight.dtype:
+            raise ValueError(f"local_embeddings ({local_embeddings.dtype}, {local_embeddings.device}) must match "
+                             f"weight ({self.weight.dtype}, {self.weight.device})")
+        sampled, shard_labels = self._sample(_all_gather(local_labels, self.group, self.world_size))
+        self.last_sampled = sampled
+        keys = self.weight if sampled is None else self.weight.index_select(0, sampled)
+        partial = _ShardPartial(resolve_backend(self.backend, local_embeddings), float(self.m), float(self.gamma),
+                                self.detach_alpha)
+        return _ShardedCircleLossFunction.apply(local_embeddings, keys, shard_labels, partial, self.group, self.rank,
+                                                self.world_size)
+
+    def shard_state(self) -> dict:
+        """This rank's part of a checkpoint: its rows and where they sit in the full class matrix."""
+        return {"weight": self.weight.detach().cpu(), "class_start": self.class_start, "class_stop": self.class_stop,
+                "num_classes": self.num_classes}
+
+    @torch.no_grad()
+    def load_shards(self, shard_states: list) -> None:
+        """Fill this rank's rows from the shard_state() of every rank of a checkpoint saved with any world
+        size (re-sharding): the saved ranges must cover [class_start, class_stop)."""
+        for state in shard_states:
+            if state["num_classes"] != self.num_classes:
+                raise ValueError(f"the checkpoint has num_classes={state['num_classes']}, this module "
+                                 f"{self.num_classes}")
+        covered = 0
+        for state in shard_states:
+            start, stop = max(state["class_start"], self.class_start), min(state["class_stop"], self.class_stop)
+            if start < stop:
+                rows = state["weight"][start - state["class_start"]:stop - state["class_start"]]
+                self.weight[start - self.class_start:stop - self.class_start] = rows.to(self.weight)
+                covered += stop - start
+        if covered != self.class_stop - self.class_start:
+            raise ValueError(f"the shards given cover {covered} of this rank's "
+                             f"{self.class_stop - self.class_start} rows [{self.class_start}, {self.class_stop})")
+
+    def extra_repr(self):
+        return (f"num_classes={self.num_classes}, embedding_dim={self.embedding_dim}, rank={self.rank}/"
+                f"{self.world_size}, rows=[{self.class_start}, {self.class_stop}), m={self.m}, gamma={self.gamma}, "
+                f"sample_rate={self.sample_rate}, backend={self.backend!r}")

@@ -1,0 +1,173 @@
+"""ShardedCircleLoss over gloo with 2 and 3 CPU processes, against single-process circle_loss on the
+concatenated batch with the whole class matrix."""
+import copy
+import os
+import tempfile
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch.nn.parallel import DistributedDataParallel
+
+import circleloss_ext as cl
+from circleloss_ext.distributed import ShardedCircleLoss, shard_range
+
+LOCAL_BATCH, IN_DIM, EMB_DIM = 4, 10, 8
+
+
+def run_ranks(worker, world_size, *args, timeout=180):
+    """worker(rank, world_size, *args) in world_size processes joined by a gloo group; fails on any
+    rank's exception, or after timeout seconds (a hang)."""
+    with tempfile.TemporaryDirectory() as folder:
+        context = mp.spawn(_init_and_run, args=(world_size, os.path.join(folder, "rendezvous"), worker, args),
+                           nprocs=world_size, join=False)
+        deadline = time.monotonic() + timeout
+        while not context.join(timeout=1):
+            if time.monotonic() > deadline:
+                for process in context.processes:
+                    process.kill()
+                pytest.fail(f"ranks did not finish within {timeout} s")
+
+
+def _init_and_run(rank, world_size, rendezvous, worker, args):
+    torch.set_num_threads(1)
+    os.environ["TRITON_INTERPRET"] = "1"
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world_size)
+    try:
+        worker(rank, world_size, *args)
+    finally:
+        dist.destroy_process_group()
+
+
+def _problem(world_size, num_classes, dtype, shared_class):
+    """The global batch, labels, backbone and full class matrix, identical on every rank."""
+    gen = torch.Generator().manual_seed(1234)
+    x = torch.randn(world_size * LOCAL_BATCH, IN_DIM, generator=gen, dtype=torch.float64).to(dtype)
+    labels = torch.randint(0, num_classes, (world_size * LOCAL_BATCH,), generator=gen)
+    if shared_class:  # the same class on every rank's batch
+        labels[::LOCAL_BATCH] = num_classes - 1
+    backbone = torch.nn.Linear(IN_DIM, EMB_DIM).to(dtype)
+    with torch.no_grad():
+        backbone.weight.copy_(torch.randn(EMB_DIM, IN_DIM, generator=gen))
+        backbone.bias.copy_(torch.randn(EMB_DIM, generator=gen))
+    weight = torch.randn(num_classes, EMB_DIM, generator=gen, dtype=torch.float64).to(dtype)
+    return x, labels, backbone, weight
+
+
+def _matches_single_process(rank, world_size, num_classes, dtype, backend, shared_class, tol):
+    x, labels, backbone, full_weight = _problem(world_size, num_classes, dtype, shared_class)
+    # single process, whole batch, whole class matrix
+    single = copy.deepcopy(backbone)
+    single_weight = full_weight.clone().requires_grad_()
+    expected = cl.circle_loss(single(x).double(), single_weight.double(), labels, backend="reference")
+    expected.backward()
+    # sharded, each rank its slice of the batch, DDP-wrapped backbone
+    ddp = DistributedDataParallel(copy.deepcopy(backbone))
+    sharded = ShardedCircleLoss(num_classes, EMB_DIM, dtype=dtype, backend=backend)
+    start, stop = shard_range(num_classes, world_size, rank)
+    assert (sharded.class_start, sharded.class_stop) == (start, stop)
+    with torch.no_grad():
+        sharded.weight.copy_(full_weight[start:stop])
+    rows = slice(rank * LOCAL_BATCH, (rank + 1) * LOCAL_BATCH)
+    loss = sharded(ddp(x[rows]), labels[rows])
+    loss.backward()
+
+    def close(actual, wanted, what):
+        err = (actual.double() - wanted.double()).abs().max().item()
+        scale = wanted.abs().max().item()
+        assert err <= tol * max(scale, 1e-12), f"rank {rank}: {what} differs by {err:.3e} (scale {scale:.3e})"
+
+    close(loss, expected, "loss")
+    close(sharded.weight.grad, single_weight.grad[start:stop], "weight gradient")
+    for (name, p), q in zip(ddp.module.named_parameters(), single.parameters()):
+        close(p.grad, q.grad, f"backbone {name} gradient")
+
+
+@pytest.mark.parametrize("world_size,num_classes", [(2, 11), (3, 11), (3, 30)])
+def test_float64_matches_single_process(world_size, num_classes):
+    run_ranks(_matches_single_process, world_size, num_classes, torch.float64, "auto", True, 1e-10)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_fused_backends_match_single_process(backend):
+    run_ranks(_matches_single_process, 2, 13, torch.float32, backend, True, 1e-4)
+
+
+def _sampling(rank, world_size, num_classes):
+    x, labels, backbone, full_weight = _problem(world_size, num_classes, torch.float64, True)
+    rows = slice(rank * LOCAL_BATCH, (rank + 1) * LOCAL_BATCH)
+    embeddings = backbone(x[rows]).detach()
+    results = []
+    for seed in (7, 7, 8):
+        sharded = ShardedCircleLoss(num_classes, EMB_DIM, dtype=torch.float64, sample_rate=0.3, seed=seed)
+        with torch.no_grad():
+            sharded.weight.copy_(full_weight[sharded.class_start:sharded.class_stop])
+        loss = sharded(embeddings, labels[rows])
+        loss.backward()
+        sampled = sharded.last_sampled
+        local = labels - sharded.class_start
+        positives = local[(local >= 0) & (local < sharded.weight.shape[0])].unique()
+        assert torch.isin(positives, sampled).all(), "a positive class was not sampled"
+        assert len(sampled) >= max(len(positives), round(0.3 * sharded.weight.shape[0]))
+        unsampled = torch.ones(sharded.weight.shape[0], dtype=torch.bool)
+        unsampled[sampled] = False
+        assert unsampled.any() and (sharded.weight.grad[unsampled] == 0).all()
+        assert (sharded.weight.grad[sampled].abs().sum(dim=1) > 0).all()
+        results.append((loss.item(), sampled.tolist()))
+    assert results[0] == results[1], "the same seed must draw the same classes"
+    assert results[0][1] != results[2][1], "another seed should draw other classes"
+
+
+def test_negative_class_sampling():
+    run_ranks(_sampling, 2, 60)
+
+
+def _bad_use(rank, world_size):
+    sharded = ShardedCircleLoss(10, EMB_DIM)
+    with pytest.raises(ValueError, match=r"same number of local_embeddings rows; got \[3, 4\]"):
+        sharded(torch.randn(3 + rank, EMB_DIM), torch.zeros(3 + rank, dtype=torch.int64))
+    with pytest.raises(ValueError, match=r"ranks \[1\] passed labels outside"):
+        sharded(torch.randn(3, EMB_DIM), torch.full((3,), 10 * rank, dtype=torch.int64))
+    with pytest.raises(ValueError, match="embedding_dim = 8"):
+        sharded(torch.randn(3, EMB_DIM + rank), torch.zeros(3, dtype=torch.int64))
+
+
+def test_bad_use_raises_on_every_rank():
+    run_ranks(_bad_use, 2)
+
+
+def test_needs_a_process_group():
+    assert not dist.is_initialized()
+    with pytest.raises(RuntimeError, match="needs an initialised process group"):
+        ShardedCircleLoss(10, 4)
+
+
+def _resharding(rank, world_size, folder):
+    """Save shards with world size 3, load them into world size 2 (ranks 0, 1 of the group here)."""
+    full = torch.randn(17, EMB_DIM, generator=torch.Generator().manual_seed(3))
+    saved = []
+    for saved_rank in range(3):
+        start, stop = shard_range(17, 3, saved_rank)
+        saved.append({"weight": full[start:stop], "class_start": start, "class_stop": stop, "num_classes": 17})
+    sharded = ShardedCircleLoss(17, EMB_DIM)
+    sharded.load_shards(saved)
+    assert torch.equal(sharded.weight.detach(), full[sharded.class_start:sharded.class_stop])
+    state = sharded.shard_state()
+    assert (state["class_start"], state["class_stop"]) == (sharded.class_start, sharded.class_stop)
+    with pytest.raises(ValueError, match="cover"):
+        sharded.load_shards(saved[:1] if rank == 1 else saved[1:2])
+
+
+def test_resharding_a_checkpoint():
+    run_ranks(_resharding, 2, None)
+
+
+def test_shard_ranges_partition_the_classes():
+    for num_classes, world in ((11, 2), (11, 3), (100, 7), (8, 8)):
+        ranges = [shard_range(num_classes, world, r) for r in range(world)]
+        assert ranges[0][0] == 0 and ranges[-1][1] == num_classes
+        assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
+        assert all(stop - start == num_classes // world + (r < num_classes % world)
+                   for r, (start, stop) in enumerate(ranges))
