@@ -9,7 +9,7 @@ import circleloss_ext as cl
 import circleloss_ext.kernels  # noqa: F401  (triton reads TRITON_INTERPRET when the kernels are defined)
 from circleloss_ext import api
 from circleloss_ext.api import resolve_backend
-from helpers import DEVICE, TOLERANCES, assert_close_scaled, make_inputs, run, to64
+from helpers import DEVICE, TOLERANCES, assert_close_scaled, device_for, make_inputs, run, to64
 
 E, W, Y, _ = make_inputs(6, 10, 4, device="cpu")
 
@@ -157,14 +157,17 @@ def test_autocast_behaves_as_linear_then_cross_entropy():
     assert_close_scaled(g_weight, r_weight, grad_tol)
 
 
-def test_frozen_weight_and_frozen_embeddings():
-    emb, weight, labels, _ = make_inputs(9, 20, 8)
+def test_frozen_weight_and_frozen_embeddings(fused):
+    emb, weight, labels, _ = make_inputs(9, 20, 8, device=device_for(fused))
+    e64, w64 = emb.double().requires_grad_(), weight.double().requires_grad_()
+    expected = torch.autograd.grad(cl.circle_loss(e64, w64, labels, backend="reference"), (e64, w64))
     emb.requires_grad_()
-    cl.circle_loss(emb, weight, labels, backend="triton").backward()
-    assert emb.grad is not None and weight.grad is None
+    cl.circle_loss(emb, weight, labels, backend=fused).backward()
+    assert weight.grad is None
+    assert_close_scaled(emb.grad, expected[0], 1e-4)
     weight.requires_grad_()
-    cl.circle_loss(emb.detach(), weight, labels, backend="triton").backward()
-    assert weight.grad is not None
+    cl.circle_loss(emb.detach(), weight, labels, backend=fused).backward()
+    assert_close_scaled(weight.grad, expected[1], 1e-4)
 
 
 def test_circle_loss_module():
