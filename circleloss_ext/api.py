@@ -54,7 +54,9 @@ def resolve_backend(backend: str, x: torch.Tensor) -> str:
     if backend == "auto":
         if x.device.type == "cuda":
             return "triton"
-        return "cpu" if x.device.type == "cpu" and cpu_extension_built() else _reference_for_cpu()
+        if x.device.type == "cpu":
+            return "cpu" if cpu_extension_built() else _reference_for_cpu()
+        return "reference"
     return backend
 
 
