@@ -137,7 +137,8 @@ class ShardedCircleLoss(nn.Module):
     the shard, up to ceil(sample_rate · shard rows) in all (never fewer than the positives). Rows not
     sampled get exactly zero gradient; `last_sampled` holds the local indices sampled by the last
     forward. The draw comes from a generator seeded with (seed, rank): reproducible for a seed; the
-    positives, decided by the gathered labels, are the same on every rank.
+    positives, decided by the gathered labels, are the same on every rank. The initial rows (nn.Linear's
+    initialisation) are drawn from (seed, rank) too, so shards differ from each other.
 
     backend: "auto" (triton for CUDA tensors, cpu for CPU tensors, the reference for float64),
     "triton", "cpu" or "reference". Works over NCCL with CUDA tensors and gloo with CPU tensors.
@@ -166,10 +167,15 @@ class ShardedCircleLoss(nn.Module):
             backend
         self.weight = nn.Parameter(torch.empty(self.class_stop - self.class_start, embedding_dim, device=device,
                                                dtype=dtype))
-        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))  # nn.Linear's, as CircleLoss
-        self.generator = torch.Generator(device=self.weight.device)
-        self.generator.manual_seed(seed * 1_000_003 + self.rank)
+        self.seed = seed
+        init = torch.Generator(device=self.weight.device).manual_seed(self._rank_seed())
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5), generator=init)  # nn.Linear's, as CircleLoss
+        self.generator = None  # the sampling generator, made on the weight's device at the first draw
         self.last_sampled = None
+
+    def _rank_seed(self) -> int:
+        """Seeds differ per rank, so shards start (and sample) differently even under one global seed."""
+        return self.seed * 1_000_003 + self.rank
 
     def _check_batch(self, embeddings, labels):
         """Shapes locally, then one small all-gather so that every rank raises the same error."""
@@ -201,6 +207,8 @@ class ShardedCircleLoss(nn.Module):
         if self.sample_rate >= 1:
             return None, torch.where(in_shard, local, -1)
         keep = max(1, math.ceil(self.sample_rate * rows))
+        if self.generator is None or self.generator.device != self.weight.device:
+            self.generator = torch.Generator(device=self.weight.device).manual_seed(self._rank_seed() + 1)
         score = torch.rand(rows, generator=self.generator, device=self.weight.device)
         score[local[in_shard]] = 2.0  # positives outrank every random score
         keep = max(keep, int((score == 2.0).sum()))

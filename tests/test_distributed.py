@@ -35,10 +35,9 @@ def _init_and_run(rank, world_size, rendezvous, worker, args):
     torch.set_num_threads(1)
     os.environ["TRITON_INTERPRET"] = "1"
     dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world_size)
-    try:
-        worker(rank, world_size, *args)
-    finally:
-        dist.destroy_process_group()
+    worker(rank, world_size, *args)
+    dist.barrier()  # no rank tears the group down while another still uses it
+    dist.destroy_process_group()
 
 
 def _problem(world_size, num_classes, dtype, shared_class):
