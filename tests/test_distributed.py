@@ -2,7 +2,8 @@
 concatenated batch with the whole class matrix."""
 import copy
 import os
-import tempfile
+import socket
+import sys
 import time
 
 import pytest
@@ -20,24 +21,31 @@ LOCAL_BATCH, IN_DIM, EMB_DIM = 4, 10, 8
 def run_ranks(worker, world_size, *args, timeout=180):
     """worker(rank, world_size, *args) in world_size processes joined by a gloo group; fails on any
     rank's exception, or after timeout seconds (a hang)."""
-    with tempfile.TemporaryDirectory() as folder:
-        context = mp.spawn(_init_and_run, args=(world_size, os.path.join(folder, "rendezvous"), worker, args),
-                           nprocs=world_size, join=False)
-        deadline = time.monotonic() + timeout
-        while not context.join(timeout=1):
-            if time.monotonic() > deadline:
-                for process in context.processes:
-                    process.kill()
-                pytest.fail(f"ranks did not finish within {timeout} s")
+    with socket.socket() as probe:  # a free port on the loopback for the rendezvous
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    context = mp.spawn(_init_and_run, args=(world_size, f"tcp://127.0.0.1:{port}", worker, args),
+                       nprocs=world_size, join=False)
+    deadline = time.monotonic() + timeout
+    while not context.join(timeout=1):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail(f"ranks did not finish within {timeout} s")
 
 
 def _init_and_run(rank, world_size, rendezvous, worker, args):
     torch.set_num_threads(1)
     os.environ["TRITON_INTERPRET"] = "1"
-    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world_size)
+    dist.init_process_group("gloo", init_method=rendezvous, rank=rank, world_size=world_size)
     worker(rank, world_size, *args)
     dist.barrier()  # no rank tears the group down while another still uses it
     dist.destroy_process_group()
+    # Leave without running C++ static destructors: under pytest a rank now and then aborted at
+    # interpreter exit ("terminate called without an active exception", no Python frame), after all
+    # its work had passed.
+    sys.stdout.flush(), sys.stderr.flush()
+    os._exit(0)
 
 
 def _problem(world_size, num_classes, dtype, shared_class):
