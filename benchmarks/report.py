@@ -130,12 +130,12 @@ def environment(device: str) -> dict:
             "git_commit": _git_commit(), "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}
 
 
-def write_record(record: dict, out_dir: str) -> str:
-    """Writes the record as <out_dir>/<device name>_<date>.json; returns the path."""
+def write_record(record: dict, out_dir: str, prefix: str = "") -> str:
+    """Writes the record as <out_dir>/<prefix><device name>_<date>.json; returns the path."""
     os.makedirs(out_dir, exist_ok=True)
     device = re.sub(r"[^A-Za-z0-9]+", "-", record["environment"]["device_name"]).strip("-").lower()
     stamp = datetime.datetime.fromisoformat(record["environment"]["date"]).strftime("%Y%m%d-%H%M%S")
-    path = os.path.join(out_dir, f"{device}_{stamp}.json")
+    path = os.path.join(out_dir, f"{prefix}{device}_{stamp}.json")
     with open(path, "w") as file:
         json.dump(record, file, indent=1)
     return path

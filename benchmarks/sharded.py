@@ -17,10 +17,8 @@ Prints the table; writes benchmarks/results/sharded_<device>_<date>.json (or int
 """
 import argparse
 import dataclasses
-import datetime
 import json
 import os
-import re
 import sys
 import tempfile
 import time
@@ -33,7 +31,7 @@ import circleloss_ext
 from circleloss_ext.distributed import ShardedCircleLoss
 
 from .memory import PeakMemoryGrowth, cpu_peak_supported
-from .report import environment
+from .report import environment, write_record
 from .run import RESULTS_DIR
 from .timing import Step, TimingPlan, time_step, warm_up
 
@@ -151,17 +149,6 @@ def format_table(rows) -> str:
     return "\n".join(lines)
 
 
-def write_record(record, out_dir) -> str:
-    """<out_dir>/sharded_<device>_<date>.json; returns the path."""
-    os.makedirs(out_dir, exist_ok=True)
-    device = re.sub(r"[^A-Za-z0-9]+", "-", record["environment"]["device_name"]).strip("-").lower()
-    stamp = datetime.datetime.fromisoformat(record["environment"]["date"]).strftime("%Y%m%d-%H%M%S")
-    path = os.path.join(out_dir, f"sharded_{device}_{stamp}.json")
-    with open(path, "w") as file:
-        json.dump(record, file, indent=1)
-    return path
-
-
 def main(argv=None) -> int:
     started = time.perf_counter()
     parser = argparse.ArgumentParser(prog="python -m benchmarks.sharded", description=__doc__,
@@ -183,7 +170,7 @@ def main(argv=None) -> int:
               "problem": {"global_batch": GLOBAL_BATCH, "num_classes": NUM_CLASSES, "dim": DIM, "dtype": "fp32"},
               "reps": args.reps, "communication_bytes_per_rank_and_step": communication_bytes(2), "rows": rows,
               "wall_time_s": time.perf_counter() - started}
-    path = write_record(record, args.out)
+    path = write_record(record, args.out, prefix="sharded_")
     print(f"\nrecord: {path}\nwall time: {record['wall_time_s']:.0f} s")
     return 0
 

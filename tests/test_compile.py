@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import circleloss_ext as cl
-from helpers import DEVICE, assert_close_scaled, device_for
+from helpers import assert_close_scaled, device_for
 
 
 class FaceModel(torch.nn.Module):
