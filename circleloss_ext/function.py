@@ -13,7 +13,7 @@ class CircleLossFunction(torch.autograd.Function):
     query_labels int64 (B,); key_labels int64 (N,), or None for class-level keys (the rows of W,
     b_j = j; a row whose label is no class, e.g. -100, has no positive and so no loss).
     keys None (with key_labels None): the keys are the queries themselves and the pair (i, i) is
-    left out. backend: "triton".
+    left out. backend: "triton" or "cpu" (a fused one; see api.resolve_backend).
     L is float32 (B,), 0 for rows without a positive or a negative; has_loss (bool, B) marks the others.
     With detach_alpha the gradient treats α as a constant (the paper's); otherwise it is the true
     derivative of L.
