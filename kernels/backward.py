@@ -4,6 +4,7 @@ import torch
 from .grad_keys import grad_keys_raw
 from .grad_queries import grad_queries_raw
 from .project import project_grad
+from .tile import contiguous_labels
 
 
 def circle_backward(grad_rows, queries, keys, query_labels, key_labels, inv_norm_q, inv_norm_k,
@@ -12,6 +13,7 @@ def circle_backward(grad_rows, queries, keys, query_labels, key_labels, inv_norm
 
     grad_rows: float32 (B,) upstream gradient g_i of each row loss L_i = softplus(LP_i + LN_i).
     """
+    query_labels, key_labels = contiguous_labels(query_labels, key_labels)
     row_scale = torch.sigmoid(lse_pos + lse_neg) * grad_rows  # σ_i; 0 for rows without a loss
     stats = (queries, keys, query_labels, key_labels, inv_norm_q, inv_norm_k, lse_pos, lse_neg, row_scale,
              margin, gamma, exclude_self, detach_alpha)

@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 
 from .presets import dot_precision, target_programs, tile_config
-from .tile import circle_epilogue, dot_tile, load_tile_labels
+from .tile import circle_epilogue, contiguous_labels, dot_tile, load_tile_labels
 
 
 @triton.jit
@@ -66,7 +66,12 @@ def key_splits(num_keys: int, row_blocks: int, block_n: int, x: torch.Tensor) ->
 
 def circle_forward(queries, keys, query_labels, key_labels, inv_norm_q, inv_norm_k, margin, gamma,
                    exclude_self):
-    """(LP, LN): float32 (B,) log-sum-exps over each row's positives and negatives (-inf if none)."""
+    """(LP, LN): float32 (B,) log-sum-exps over each row's positives and negatives (-inf if none).
+
+    Operands are read through their strides; labels (B or N int64, small) are made contiguous, which
+    is what the kernels index (a column slice or an expanded tensor would be read wrongly otherwise).
+    """
+    query_labels, key_labels = contiguous_labels(query_labels, key_labels)
     B, D = queries.shape
     N = keys.shape[0]
     cfg = tile_config("forward", queries)

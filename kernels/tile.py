@@ -1,8 +1,9 @@
 """The pieces every Circle Loss kernel shares: one similarity tile and its epilogue.
 
-Symbols follow docs/circle-loss.md: queries q_i with labels a_i, keys k_j with labels b_j,
+Symbols follow docs/design.md: queries q_i with labels a_i, keys k_j with labels b_j,
 s_ij = q̂_i · k̂_j, margin m, scale γ.
 """
+import torch
 import triton
 import triton.language as tl
 
@@ -49,22 +50,28 @@ def circle_epilogue(dots, inv_norm_q, inv_norm_k, q_label, k_label, rows, keys, 
     Returns (logit, slope, is_pos, is_pair):
       logit   u_ij = -γ·α^p_ij·(s_ij - Δ_p) on positives, v_ij = γ·α^n_ij·(s_ij - Δ_n) on negatives,
               -inf where (i, j) is no pair (out of bounds, or i == j when EXCLUDE_SELF);
-      slope   d logit / d s_ij: -γ·α^p and γ·α^n with α detached, -2γ(1 - s) and 2γ·s·[s > -m] otherwise;
+      slope   d logit / d s_ij: -γ·α^p and γ·α^n with α detached; otherwise -2γ(1 - s)·[α^p > 0] and
+              2γ·s·[α^n > 0] (a clipped α makes its logit 0 for every s: α^p clips where s > 1 + m, m < 0);
       is_pos  b_j == a_i;  is_pair  (i, j) takes part in the loss.
+
+    Both label kinds share one α tile, α = α^p or α^n, and one distance to the margin,
+    Δ_p - s or s - Δ_n, so that logit = γ·α·distance: one tile of each kept live, not two.
     """
     s = dots * inv_norm_q[:, None] * inv_norm_k[None, :]
     is_pair = (rows < B)[:, None] & (keys < N)[None, :]
     if EXCLUDE_SELF:
         is_pair = is_pair & (rows[:, None] != keys[None, :])
     is_pos = q_label[:, None] == k_label[None, :]
-    alpha_pos = tl.maximum(1.0 + margin - s, 0.0)
-    alpha_neg = tl.maximum(s + margin, 0.0)
-    logit = tl.where(is_pos, -gamma * alpha_pos * (s - (1.0 - margin)), gamma * alpha_neg * (s - margin))
-    logit = tl.where(is_pair, logit, float("-inf"))
+    # α^p = relu(O_p - s) with O_p = 1 + m;  α^n = relu(s - O_n) with O_n = -m
+    alpha = tl.maximum(tl.where(is_pos, (1.0 + margin) - s, s + margin), 0.0)
+    # -(s - Δ_p) with Δ_p = 1 - m;  s - Δ_n with Δ_n = m
+    distance = tl.where(is_pos, (1.0 - margin) - s, s - margin)
+    logit = tl.where(is_pair, gamma * alpha * distance, float("-inf"))
     if DETACH_ALPHA:
-        slope = tl.where(is_pos, -gamma * alpha_pos, gamma * alpha_neg)
-    else:
-        slope = tl.where(is_pos, -2.0 * gamma * (1.0 - s), tl.where(s > -margin, 2.0 * gamma * s, 0.0))
+        slope = tl.where(is_pos, -gamma * alpha, gamma * alpha)
+    else:  # d(γ·α·distance)/ds where α is not clipped: 2γ(s - 1) = -2γ(distance + m) on positives,
+        # 2γ·s = 2γ(distance + m) on negatives (written without s, which need not stay live)
+        slope = tl.where(alpha > 0.0, tl.where(is_pos, -2.0 * gamma, 2.0 * gamma) * (distance + margin), 0.0)
     return logit, slope, is_pos, is_pair
 
 
@@ -87,3 +94,8 @@ def load_tile_labels(q_label_ptr, k_label_ptr, rows, keys, B, N, CLASS_LEVEL: tl
     else:
         k_label = tl.load(k_label_ptr + keys, mask=keys < N, other=-1)
     return q_label, k_label
+
+
+def contiguous_labels(query_labels: torch.Tensor, key_labels):
+    """The label vectors as load_tile_labels reads them: unit stride (a copy only when they are not)."""
+    return query_labels.contiguous(), None if key_labels is None else key_labels.contiguous()
