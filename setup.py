@@ -31,8 +31,11 @@ setup(
     python_requires=">=3.10",
     packages=["circleloss_ext", "circleloss_ext.kernels"],
     package_dir={"circleloss_ext": "circleloss_ext", "circleloss_ext.kernels": "kernels"},
+    # -fopenmp: at::parallel_for is a header template that runs serially unless the extension itself is
+    # built with OpenMP; the library binds to the libgomp torch has already loaded (same soname).
     ext_modules=[CppExtension("circleloss_ext._C", ["csrc/circle_loss_cpu.cpp"],
-                              extra_compile_args=["-O3", "-march=native", "-fno-math-errno", "-fopenmp-simd"])],
+                              extra_compile_args=["-O3", "-march=native", "-fno-math-errno", "-fopenmp"],
+                              extra_link_args=["-fopenmp"])],
     cmdclass={"build_ext": OptionalBuildExtension},
     install_requires=["torch>=2.4", "triton>=3.2", "numpy"],
     extras_require={"test": ["pytest", "hypothesis"]},

@@ -10,6 +10,7 @@
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
 
 #include <algorithm>
 #include <cmath>
@@ -18,6 +19,7 @@
 #include <limits>
 #include <optional>
 #include <tuple>
+#include <utility>
 
 namespace {
 
@@ -81,8 +83,8 @@ inline vfloat vexp(vfloat x) {
 
 // The Circle Loss formula on kLanes similarities: the one place alpha, Delta, gamma live in C++.
 // logit: u = -gamma*alpha_p*(s - (1-m)) for a positive, v = gamma*alpha_n*(s - m) for a negative.
-// slope: d logit / d s, with alpha detached (-gamma*alpha_p, gamma*alpha_n) or not (-2gamma(1-s),
-// 2gamma*s where s > -m).
+// slope: d logit / d s, with alpha detached (-gamma*alpha_p, gamma*alpha_n) or not (-2gamma(1-s) where
+// alpha_p > 0, 2gamma*s where alpha_n > 0: a clipped alpha makes its logit 0 whatever s).
 struct Epilogue {
   float m, gamma;
   bool detach_alpha;
@@ -94,7 +96,8 @@ struct Epilogue {
   }
   inline vfloat slope(vfloat s, vint pos) const {
     if (detach_alpha) return pos ? -gamma * vmax(1.f + m - s, splat(0.f)) : gamma * vmax(s + m, splat(0.f));
-    return pos ? -2.f * gamma * (1.f - s) : (s > -m ? 2.f * gamma * s : splat(0.f));
+    const vfloat zero = splat(0.f);
+    return pos ? (1.f + m - s > zero ? -2.f * gamma * (1.f - s) : zero) : (s + m > zero ? 2.f * gamma * s : zero);
   }
 };
 
@@ -155,21 +158,119 @@ struct Problem {
   }
 };
 
-// Calls body(p, k_hat, s_tile) for every split p, in parallel, with per-thread tile buffers.
+// Calls body(i) for i in [0, n) on the intra-op threads, each i on one thread.
+// The ATen calls inside (products, casts) run as the caller's: grad mode and dispatch keys are
+// thread-local, so they are carried to the worker threads. Those calls must run on one thread each:
+// a multi-threaded GEMM may cut its inner dimension by the thread count and so change the bits.
+// at::parallel_for runs a range of one element inline, outside any parallel region, where the BLAS
+// would use every thread; asking for at least two elements keeps the body either inside a parallel
+// region (where the BLAS runs single-threaded) or on a single configured thread.
+template <typename Body>
+void parallel_each(int64_t n, const Body& body) {
+  const at::ThreadLocalState caller;
+  at::parallel_for(0, std::max<int64_t>(n, 2), 1, [&](int64_t begin, int64_t end) {
+    const at::ThreadLocalStateGuard as_caller(caller);
+    for (int64_t i = begin; i < std::min(end, n); ++i) body(i);
+  });
+}
+
+// Calls body(p, k_hat, s_tile) for every split p, in parallel, with tile buffers of its own.
 template <typename Body>
 void for_each_split(const Problem& pb, const Body& body) {
-  at::parallel_for(0, pb.splits, 1, [&](int64_t p0, int64_t p1) {
-    const auto opts = at::TensorOptions().dtype(at::kFloat);
-    at::Tensor k_buf = at::zeros({kTileKeys, pb.D}, opts);
-    at::Tensor s_buf = at::zeros({pb.B, kTileKeys}, opts);  // whole vectors are read past a short tile
-    for (int64_t p = p0; p < p1; ++p) body(p, k_buf, s_buf);
+  const auto opts = at::TensorOptions().dtype(at::kFloat);
+  parallel_each(pb.splits, [&](int64_t p) {
+    const at::Tensor k_buf = at::zeros({kTileKeys, pb.D}, opts);
+    const at::Tensor s_buf = at::zeros({pb.B, kTileKeys}, opts);  // whole vectors are read past a short tile
+    body(p, k_buf, s_buf);
   });
+}
+
+// The C++ entry points are reachable without the Python checks (torch.ops, circleloss_ext._C), so they
+// check every size they index with themselves.
+void check_vector(const at::Tensor& t, const char* name, int64_t n, at::ScalarType dtype, const char* of) {
+  TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor, got one on ", t.device());
+  TORCH_CHECK(t.scalar_type() == dtype, name, " must be ", dtype == at::kLong ? "int64" : "float32", ", got ",
+              t.scalar_type());
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == n, name, " must have ", n, " elements (one per row of ", of, "), got shape ",
+              t.sizes());
+}
+
+void check_operands(const at::Tensor& queries, const at::Tensor& keys, bool exclude_self) {
+  for (const auto& [x, name] : {std::pair{&queries, "queries"}, std::pair{&keys, "keys"}}) {
+    TORCH_CHECK(x->device().is_cpu(), name, " must be a CPU tensor, got one on ", x->device());
+    TORCH_CHECK(x->dim() == 2, name, " must be 2-D (rows, D), got shape ", x->sizes());
+    const auto t = x->scalar_type();
+    TORCH_CHECK(t == at::kFloat || t == at::kHalf || t == at::kBFloat16, name,
+                " must be float16, bfloat16 or float32, got ", t);
+  }
+  TORCH_CHECK(keys.scalar_type() == queries.scalar_type(), "keys has dtype ", keys.scalar_type(),
+              " but queries has ", queries.scalar_type());
+  TORCH_CHECK(keys.size(1) == queries.size(1), "keys must have D = ", queries.size(1),
+              " columns (as queries), got shape ", keys.sizes());
+  TORCH_CHECK(!exclude_self || keys.size(0) == queries.size(0),
+              "exclude_self: in-batch keys must be the queries (N = B), got ", keys.size(0), " keys and ",
+              queries.size(0), " queries");
+}
+
+void check_problem(const at::Tensor& queries, const at::Tensor& keys, const at::Tensor& query_labels,
+                   const std::optional<at::Tensor>& key_labels, const at::Tensor& inv_norm_q,
+                   const at::Tensor& inv_norm_k, bool exclude_self) {
+  check_operands(queries, keys, exclude_self);
+  const int64_t B = queries.size(0), N = keys.size(0);
+  check_vector(query_labels, "query_labels", B, at::kLong, "queries");
+  if (key_labels) check_vector(*key_labels, "key_labels", N, at::kLong, "keys");
+  check_vector(inv_norm_q, "inv_norm_q", B, at::kFloat, "queries");
+  check_vector(inv_norm_k, "inv_norm_k", N, at::kFloat, "keys");
 }
 
 }  // namespace
 
+// 1 / max(|x_r|, eps) per row, float32. Each row is summed by one thread in a fixed order (kLanes
+// partial sums, then across lanes), so the bits do not depend on the thread count; rows are read in
+// chunks converted to float32, never the whole matrix at once.
 at::Tensor inverse_norms(const at::Tensor& x) {
-  return at::linalg_vector_norm(x, 2, {1}, false, at::kFloat).clamp_min(kEps).reciprocal();
+  TORCH_CHECK(x.device().is_cpu() && x.dim() == 2, "x must be a 2-D CPU tensor, got shape ", x.sizes(), " on ",
+              x.device());
+  const int64_t R = x.size(0), D = x.size(1);
+  at::Tensor out = at::empty({R}, at::TensorOptions().dtype(at::kFloat));
+  float* inv = out.data_ptr<float>();
+  constexpr int64_t kChunkRows = 64;
+  parallel_each((R + kChunkRows - 1) / kChunkRows, [&](int64_t c) {
+    const int64_t r0 = c * kChunkRows, rows = std::min(kChunkRows, R - r0);
+    const at::Tensor chunk = x.narrow(0, r0, rows).to(at::kFloat).contiguous();
+    const float* v = chunk.data_ptr<float>();
+    for (int64_t r = 0; r < rows; ++r) {
+      const float* row = v + r * D;
+      vfloat lanes = splat(0.f);
+      int64_t d = 0;
+      for (; d + kLanes <= D; d += kLanes) {
+        const vfloat e = load<vfloat>(row + d);
+        lanes += e * e;
+      }
+      float sum_sq = hsum(lanes);
+      for (; d < D; ++d) sum_sq += row[d] * row[d];
+      inv[r0 + r] = 1.f / std::max(std::sqrt(sum_sq), kEps);
+    }
+  });
+  return out;
+}
+
+// log sum_p exp(partial[p, i]) over the splits p, in split order (-inf where every split has -inf):
+// a fixed order whatever the thread count.
+static at::Tensor combine_splits(const at::Tensor& partial) {
+  const int64_t splits = partial.size(0), B = partial.size(1);
+  at::Tensor out = at::empty({B}, at::TensorOptions().dtype(at::kFloat));
+  const float* x = partial.data_ptr<float>();
+  float* lse = out.data_ptr<float>();
+  for (int64_t i = 0; i < B; ++i) {
+    float top = kNegInf;
+    for (int64_t p = 0; p < splits; ++p) top = std::max(top, x[p * B + i]);
+    const float shift = top == kNegInf ? 0.f : top;
+    float sum = 0.f;
+    for (int64_t p = 0; p < splits; ++p) sum += std::exp(x[p * B + i] - shift);
+    lse[i] = shift + std::log(sum);  // a NaN partial, dropped by the max, reaches the sum
+  }
+  return out;
 }
 
 // (LP, LN): float32 (B,) log-sum-exps of each row's positive and negative logits (-inf if none).
@@ -178,6 +279,7 @@ std::tuple<at::Tensor, at::Tensor> circle_forward(const at::Tensor& queries, con
                                                   const std::optional<at::Tensor>& key_labels,
                                                   const at::Tensor& inv_norm_q, const at::Tensor& inv_norm_k,
                                                   double margin, double gamma, bool exclude_self) {
+  check_problem(queries, keys, query_labels, key_labels, inv_norm_q, inv_norm_k, exclude_self);
   const Problem pb(queries, keys, query_labels, key_labels, inv_norm_q, inv_norm_k, exclude_self);
   const Epilogue ep{static_cast<float>(margin), static_cast<float>(gamma), true};
   const int64_t B = pb.B;
@@ -233,8 +335,7 @@ std::tuple<at::Tensor, at::Tensor> circle_forward(const at::Tensor& queries, con
       partial_neg[p * B + i] = max_neg[i] + std::log(sum_neg[i]);
     }
   });
-  const at::Tensor lse = at::logsumexp(partial, {1});
-  return {lse[0].clone(), lse[1].clone()};
+  return {combine_splits(partial[0]), combine_splits(partial[1])};
 }
 
 // (dL/dqueries, dL/dkeys) in the inputs' dtypes (empty where not asked for). grad_rows: float32 (B,).
@@ -243,6 +344,11 @@ std::tuple<at::Tensor, at::Tensor> circle_backward(
     const std::optional<at::Tensor>& key_labels, const at::Tensor& inv_norm_q, const at::Tensor& inv_norm_k,
     const at::Tensor& lse_pos, const at::Tensor& lse_neg, double margin, double gamma, bool exclude_self,
     bool detach_alpha, bool need_queries, bool need_keys) {
+  check_problem(queries, keys, query_labels, key_labels, inv_norm_q, inv_norm_k, exclude_self);
+  for (const auto& [t, name] : {std::pair{&grad_rows, "grad_rows"}, std::pair{&lse_pos, "lse_pos"},
+                                std::pair{&lse_neg, "lse_neg"}}) {
+    check_vector(*t, name, queries.size(0), at::kFloat, "queries");
+  }
   const Problem pb(queries, keys, query_labels, key_labels, inv_norm_q, inv_norm_k, exclude_self);
   const Epilogue ep{static_cast<float>(margin), static_cast<float>(gamma), detach_alpha};
   const int64_t B = pb.B, D = pb.D;
