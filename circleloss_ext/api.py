@@ -1,63 +1,11 @@
 """Public functions: validation, autocast, backend dispatch and the reduction."""
-import importlib.util
-import warnings
-
 import torch
 
 from . import reference
-from .function import CircleLossFunction
-from .validation import (check_hyperparameters, check_label_values, check_labels, check_matrix,
+from .function import FusedRows
+from .ops import resolve_backend
+from .validation import (check_bool, check_hyperparameters, check_label_values, check_labels, check_matrix,
                          check_same)
-
-
-def _triton_runs_on(device: torch.device) -> bool:
-    if device.type == "cuda":
-        return True
-    from .kernels.presets import interpreting
-    return interpreting()
-
-
-def cpu_extension_built() -> bool:
-    return importlib.util.find_spec("circleloss_ext._C") is not None
-
-
-_warned_no_cpu_extension = False
-
-
-def _reference_for_cpu() -> str:
-    global _warned_no_cpu_extension
-    if not _warned_no_cpu_extension:
-        warnings.warn("circleloss_ext: the C++ CPU path (circleloss_ext._C) was not built, so CPU tensors use "
-                      "the naive reference; install a C++ compiler and reinstall with "
-                      "`pip install --no-build-isolation -e .` for the fused CPU path", RuntimeWarning)
-        _warned_no_cpu_extension = True
-    return "reference"
-
-
-def resolve_backend(backend: str, x: torch.Tensor) -> str:
-    """The backend that will run: "auto" picks triton for CUDA tensors, cpu for CPU tensors (the
-    reference, with one warning, where the C++ extension was not built); float64 always goes to the
-    reference (the fused paths compute in float32)."""
-    if backend == "triton" and not _triton_runs_on(x.device):
-        raise RuntimeError(f"backend='triton' needs CUDA tensors, got tensors on {x.device}; set "
-                           "TRITON_INTERPRET=1 before importing triton to run the kernels on the CPU "
-                           "(slowly), or use backend='cpu' or 'reference'")
-    if backend == "cpu":
-        if x.device.type != "cpu":
-            raise RuntimeError(f"backend='cpu' needs CPU tensors, got tensors on {x.device}; use backend='triton'")
-        if not cpu_extension_built():
-            raise RuntimeError("backend='cpu' needs the C++ extension circleloss_ext._C, which was not built: "
-                               "install a C++ compiler (g++) and reinstall with "
-                               "`pip install --no-build-isolation -e .`")
-    if x.dtype == torch.float64:
-        return "reference"
-    if backend == "auto":
-        if x.device.type == "cuda":
-            return "triton"
-        if x.device.type == "cpu":
-            return "cpu" if cpu_extension_built() else _reference_for_cpu()
-        return "reference"
-    return backend
 
 
 def _autocast(*tensors):
@@ -71,13 +19,14 @@ def _autocast(*tensors):
 
 
 def _reduce(row_loss, has_loss, reduction, dtype):
-    row_loss = row_loss.to(dtype)
+    """Row losses (float32, or float64 from the reference) summed at that precision, cast to dtype
+    once at the end: 16-bit rows that fit their dtype give a mean that fits it too."""
     if reduction == "none":
-        return row_loss
+        return row_loss.to(dtype)
     total = row_loss.sum()
-    if reduction == "sum":
-        return total
-    return total / has_loss.sum().clamp_min(1)
+    if reduction == "mean":
+        total = total / has_loss.sum().clamp_min(1)
+    return total.to(dtype)
 
 
 def _rows(backend, queries, keys, query_labels, key_labels, margin, gamma, exclude_self, detach_alpha):
@@ -89,8 +38,8 @@ def _rows(backend, queries, keys, query_labels, key_labels, margin, gamma, exclu
                                           exclude_self=exclude_self, detach_alpha=detach_alpha)
     if exclude_self:
         keys, key_labels = None, None
-    return CircleLossFunction.apply(queries, keys, query_labels, key_labels, float(margin), float(gamma),
-                                    detach_alpha, backend)
+    return FusedRows.apply(queries, keys, query_labels, key_labels, float(margin), float(gamma), detach_alpha,
+                           backend)
 
 
 def circle_loss(embeddings, weight, labels, *, m=0.25, gamma=256.0, reduction="mean", detach_alpha=True,
@@ -100,7 +49,8 @@ def circle_loss(embeddings, weight, labels, *, m=0.25, gamma=256.0, reduction="m
     Both are unnormalised (normalised inside). labels: int64 (B,) in [0, C), or ignore_index for rows
     that take no part. reduction "none" gives (B,) row losses (0 for ignored rows), "sum" their sum,
     "mean" their sum over the rows that have a loss (0 when none). detach_alpha=True treats the
-    weights α as constants in the gradient, as the paper does. backend: "auto", "triton" or "reference".
+    weights α as constants in the gradient, as the paper does. backend: "auto", "triton", "cpu" or
+    "reference" (README, Backends).
     """
     check_matrix("embeddings", embeddings)
     check_matrix("weight", weight, embeddings.shape[1])
@@ -108,6 +58,7 @@ def circle_loss(embeddings, weight, labels, *, m=0.25, gamma=256.0, reduction="m
     check_labels("labels", labels, embeddings.shape[0], "embeddings")
     check_same("labels", labels, "embeddings", embeddings, dtype=False)
     check_hyperparameters(m, gamma, reduction, backend)
+    check_bool("detach_alpha", detach_alpha)
     if not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
     (embeddings, weight), out_dtype = _autocast(embeddings, weight)
@@ -138,6 +89,7 @@ def pairwise_circle_loss(embeddings, labels, *, ref_embeddings=None, ref_labels=
         check_labels("ref_labels", ref_labels, ref_embeddings.shape[0], "ref_embeddings")
         check_same("ref_labels", ref_labels, "embeddings", embeddings, dtype=False)
     check_hyperparameters(m, gamma, reduction, backend)
+    check_bool("detach_alpha", detach_alpha)
     exclude_self = ref_embeddings is None
     if exclude_self:
         ref_embeddings, ref_labels = embeddings, labels

@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import ops, reference
-from .api import resolve_backend
-from .validation import check_hyperparameters, check_matrix
+from .ops import resolve_backend
+from .validation import check_bool, check_hyperparameters, check_matrix
 
 _NEG_INF = float("-inf")
 
@@ -56,13 +56,15 @@ class _ShardPartial:
     def __init__(self, backend, margin, gamma, detach_alpha):
         self.backend, self.margin, self.gamma, self.detach_alpha = backend, margin, gamma, detach_alpha
 
+    def _reference_lse(self, queries, keys, labels):
+        return reference.circle_lse(queries, keys, labels, torch.arange(keys.shape[0], device=keys.device),
+                                    margin=self.margin, gamma=self.gamma, exclude_self=False,
+                                    detach_alpha=self.detach_alpha)
+
     def forward(self, queries, keys, labels):
         if self.backend == "reference":
-            key_labels = torch.arange(keys.shape[0], device=keys.device)
             with torch.no_grad():
-                lse_pos, lse_neg, _, _ = reference.circle_lse(
-                    queries, keys, labels, key_labels, margin=self.margin, gamma=self.gamma, exclude_self=False,
-                    detach_alpha=self.detach_alpha)
+                lse_pos, lse_neg = self._reference_lse(queries, keys, labels)
             return lse_pos, lse_neg, ()
         _, lse_pos, lse_neg, inv_norm_q, inv_norm_k = ops.fused_forward(
             queries, keys, labels, None, self.margin, self.gamma, False, self.backend)
@@ -75,9 +77,7 @@ class _ShardPartial:
             safe_neg = torch.where(lse_neg > _NEG_INF, lse_neg, torch.zeros_like(lse_neg))
             with torch.enable_grad():
                 q, k = queries.detach().requires_grad_(), keys.detach().requires_grad_()
-                part_pos, part_neg, _, _ = reference.circle_lse(
-                    q, k, labels, torch.arange(k.shape[0], device=k.device), margin=self.margin, gamma=self.gamma,
-                    exclude_self=False, detach_alpha=self.detach_alpha)
+                part_pos, part_neg = self._reference_lse(q, k, labels)
                 surrogate = (row_scale * (torch.exp(part_pos - safe_pos) + torch.exp(part_neg - safe_neg))).sum()
                 return torch.autograd.grad(surrogate, (q, k))
         inv_norm_q, inv_norm_k = saved
@@ -150,17 +150,14 @@ class ShardedCircleLoss(nn.Module):
         if not (dist.is_available() and dist.is_initialized()):
             raise RuntimeError("ShardedCircleLoss needs an initialised process group: call "
                                "torch.distributed.init_process_group first (e.g. under torchrun)")
-        check_hyperparameters(m, gamma, "mean", backend)
-        if not isinstance(embedding_dim, int) or embedding_dim < 1:
-            raise ValueError(f"embedding_dim must be a positive int, got {embedding_dim!r}")
-        if not (isinstance(sample_rate, (int, float)) and 0 < sample_rate <= 1):
-            raise ValueError(f"sample_rate must lie in (0, 1], got {sample_rate!r}")
         self.group = process_group
         self.rank = dist.get_rank(process_group)
         self.world_size = dist.get_world_size(process_group)
-        if not isinstance(num_classes, int) or num_classes < self.world_size:
-            raise ValueError(f"num_classes must be an int of at least the world size {self.world_size}, "
-                             f"got {num_classes!r}")
+        factory = torch.empty(0, device=device, dtype=dtype)  # where and how the rows will be made
+        settings = dict(num_classes=num_classes, embedding_dim=embedding_dim, m=m, gamma=gamma,
+                        sample_rate=sample_rate, detach_alpha=detach_alpha, backend=backend,
+                        dtype=str(factory.dtype), device_type=factory.device.type)
+        self._agree_across_ranks(settings)
         self.num_classes, self.embedding_dim = num_classes, embedding_dim
         self.class_start, self.class_stop = shard_range(num_classes, self.world_size, self.rank)
         self.m, self.gamma, self.sample_rate, self.detach_alpha, self.backend = m, gamma, sample_rate, detach_alpha, \
@@ -172,6 +169,38 @@ class ShardedCircleLoss(nn.Module):
         nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5), generator=init)  # nn.Linear's, as CircleLoss
         self.generator = None  # the sampling generator, made on the weight's device at the first draw
         self.last_sampled = None
+
+    def _check_settings(self, num_classes, embedding_dim, m, gamma, sample_rate, detach_alpha, backend, **_):
+        check_hyperparameters(m, gamma, "mean", backend)
+        check_bool("detach_alpha", detach_alpha)
+        if isinstance(embedding_dim, bool) or not isinstance(embedding_dim, int) or embedding_dim < 1:
+            raise ValueError(f"embedding_dim must be a positive int, got {embedding_dim!r}")
+        if isinstance(sample_rate, bool) or not (isinstance(sample_rate, (int, float)) and 0 < sample_rate <= 1):
+            raise ValueError(f"sample_rate must lie in (0, 1], got {sample_rate!r}")
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < self.world_size:
+            raise ValueError(f"num_classes must be an int of at least the world size {self.world_size}, "
+                             f"got {num_classes!r}")
+
+    def _agree_across_ranks(self, settings: dict) -> None:
+        """Every rank checks its own settings, then one all-gather of them (and of any error) lets every
+        rank raise the same error: a bad setting on one rank, or settings that differ between ranks
+        (a class owned by no rank, a mean over different scales, a collective of mismatched shapes)."""
+        try:
+            self._check_settings(**settings)
+            error = None
+        except (TypeError, ValueError) as caught:
+            error = (type(caught).__name__, str(caught))
+        every = [None] * self.world_size
+        dist.all_gather_object(every, (settings, error), group=self.group)
+        for rank, (_, rank_error) in enumerate(every):
+            if rank_error is not None:
+                kind, message = rank_error
+                raise (TypeError if kind == "TypeError" else ValueError)(f"ShardedCircleLoss on rank {rank}: "
+                                                                        f"{message}")
+        for name in settings:
+            values = [rank_settings[name] for rank_settings, _ in every]
+            if any(value != values[0] for value in values[1:]):
+                raise ValueError(f"ShardedCircleLoss: every rank must pass the same {name}; got {values} by rank")
 
     def _rank_seed(self) -> int:
         """Seeds differ per rank, so shards start (and sample) differently even under one global seed."""

@@ -1,23 +1,17 @@
-"""CircleLossFunction: the autograd Function behind both label forms on the fused backends."""
+"""The autograd Function behind both label forms on the fused backends.
+
+FusedRows does the work and trusts its arguments (circle_loss, pairwise_circle_loss and the sharded
+head have checked them); CircleLossFunction, the public one, checks them first.
+"""
 import torch
 
 from . import ops
+from .validation import check_function_arguments
 
 
-class CircleLossFunction(torch.autograd.Function):
-    """Per-row Circle Loss of queries against labelled keys, fused: no B × N tensor is ever held.
-
-    apply(queries, keys, query_labels, key_labels, margin, gamma, detach_alpha, backend) -> (L, has_loss)
-
-    queries (B, D), keys (N, D): unnormalised, same dtype (fp16, bf16 or fp32) and device.
-    query_labels int64 (B,); key_labels int64 (N,), or None for class-level keys (the rows of W,
-    b_j = j; a row whose label is no class, e.g. -100, has no positive and so no loss).
-    keys None (with key_labels None): the keys are the queries themselves and the pair (i, i) is
-    left out. backend: "triton" or "cpu" (a fused one; see api.resolve_backend).
-    L is float32 (B,), 0 for rows without a positive or a negative; has_loss (bool, B) marks the others.
-    With detach_alpha the gradient treats α as a constant (the paper's); otherwise it is the true
-    derivative of L.
-    """
+class FusedRows(torch.autograd.Function):
+    """Per-row Circle Loss on a fused backend, for callers that have validated the arguments.
+    Arguments and results: see CircleLossFunction."""
 
     @staticmethod
     def forward(ctx, queries, keys, query_labels, key_labels, margin, gamma, detach_alpha, backend):
@@ -28,7 +22,7 @@ class CircleLossFunction(torch.autograd.Function):
             queries, keys, query_labels, key_labels, margin, gamma, exclude_self, backend)
         ctx.save_for_backward(queries, keys, query_labels, key_labels, inv_norm_q, inv_norm_k, lse_pos, lse_neg)
         ctx.hyper = (margin, gamma, exclude_self, detach_alpha, backend)
-        has_loss = (lse_pos > float("-inf")) & (lse_neg > float("-inf"))
+        has_loss = ops.rows_taking_part(lse_pos, lse_neg)
         ctx.mark_non_differentiable(has_loss)
         return row_loss, has_loss
 
@@ -45,3 +39,28 @@ class CircleLossFunction(torch.autograd.Function):
             return grad_q + grad_k if need_queries else None, None, None, None, None, None, None, None
         return (grad_q if need_queries else None, grad_k if need_keys else None,
                 None, None, None, None, None, None)
+
+
+class CircleLossFunction(FusedRows):
+    """Per-row Circle Loss of queries against labelled keys, fused: no B × N tensor is ever held.
+
+    apply(queries, keys, query_labels, key_labels, margin, gamma, detach_alpha, backend) -> (L, has_loss)
+
+    queries (B, D), keys (N, D): unnormalised, same dtype (fp16, bf16 or fp32) and device.
+    query_labels int64 (B,); key_labels int64 (N,), or None for class-level keys (the rows of W,
+    b_j = j: a label is < N, or negative for a row of no class, which has no positive and so no loss).
+    keys None (with key_labels None): the keys are the queries themselves and the pair (i, i) is
+    left out. margin m: any finite number; gamma γ > 0. backend: "triton" or "cpu" (a fused one).
+    L is float32 (B,), 0 for rows without a positive or a negative (such a row takes no part: its
+    values reach neither L nor any gradient); has_loss (bool, B) marks the others.
+    With detach_alpha the gradient treats α as a constant (the paper's); otherwise it is the true
+    derivative of L. Every argument is checked first, with the messages of circle_loss (class labels
+    are read: one host sync).
+    """
+
+    @staticmethod
+    def forward(ctx, queries, keys, query_labels, key_labels, margin, gamma, detach_alpha, backend):
+        check_function_arguments(queries, keys, query_labels, key_labels, margin, gamma, detach_alpha, backend)
+        ops.check_backend_runs(backend, queries)
+        return FusedRows.forward(ctx, queries, keys, query_labels, key_labels, float(margin), float(gamma),
+                                 detach_alpha, backend)

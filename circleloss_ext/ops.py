@@ -3,11 +3,70 @@
 Registering them as custom ops (with fake implementations for shape propagation) lets
 torch.compile trace models that use the loss without a graph break: the ops stay opaque.
 """
+import importlib.util
+import warnings
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+_NEG_INF = float("-inf")
+
+
+def cpu_extension_built() -> bool:
+    return importlib.util.find_spec("circleloss_ext._C") is not None
+
+
+def _triton_runs_on(device: torch.device) -> bool:
+    if device.type == "cuda":
+        return True
+    from .kernels.presets import interpreting
+    return interpreting()
+
+
+def check_backend_runs(backend: str, x: Tensor) -> None:
+    """A fused backend named by the caller must be able to run on x's device: say why not."""
+    if backend == "triton" and not _triton_runs_on(x.device):
+        raise RuntimeError(f"backend='triton' needs CUDA tensors, got tensors on {x.device}; set "
+                           "TRITON_INTERPRET=1 before importing triton to run the kernels on the CPU "
+                           "(slowly), or use backend='cpu' or 'reference'")
+    if backend == "cpu":
+        if x.device.type != "cpu":
+            raise RuntimeError(f"backend='cpu' needs CPU tensors, got tensors on {x.device}; use backend='triton'")
+        if not cpu_extension_built():
+            raise RuntimeError("backend='cpu' needs the C++ extension circleloss_ext._C, which was not built: "
+                               "install a C++ compiler (g++) and reinstall with "
+                               "`pip install --no-build-isolation -e .`")
+
+
+_warned_no_cpu_extension = False
+
+
+def _reference_for_cpu() -> str:
+    global _warned_no_cpu_extension
+    if not _warned_no_cpu_extension:
+        warnings.warn("circleloss_ext: the C++ CPU path (circleloss_ext._C) was not built, so CPU tensors use "
+                      "the naive reference; install a C++ compiler and reinstall with "
+                      "`pip install --no-build-isolation -e .` for the fused CPU path", RuntimeWarning)
+        _warned_no_cpu_extension = True
+    return "reference"
+
+
+def resolve_backend(backend: str, x: Tensor) -> str:
+    """The backend that will run: "auto" picks triton for CUDA tensors, cpu for CPU tensors (the
+    reference, with one warning, where the C++ extension was not built); float64 always goes to the
+    reference (the fused paths compute in float32)."""
+    check_backend_runs(backend, x)
+    if x.dtype == torch.float64:
+        return "reference"
+    if backend == "auto":
+        if x.device.type == "cuda":
+            return "triton"
+        if x.device.type == "cpu":
+            return "cpu" if cpu_extension_built() else _reference_for_cpu()
+        return "reference"
+    return backend
 
 
 def _kernels(backend: str):
@@ -21,17 +80,41 @@ def _kernels(backend: str):
     raise ValueError(f"backend={backend!r} has no fused implementation")
 
 
+def rows_taking_part(lse_pos: Tensor, lse_neg: Tensor) -> Tensor:
+    """Rows with a positive and a negative. LP_i (LN_i) is -inf exactly when row i has no positive
+    (negative), whatever the values: a row of NaN still takes part, and its NaN propagates."""
+    return (lse_pos != _NEG_INF) & (lse_neg != _NEG_INF)
+
+
+def _check_sizes(queries: Tensor, keys: Tensor, query_labels: Tensor, key_labels: Optional[Tensor],
+                 exclude_self: bool, **rows: Tensor) -> None:
+    """The sizes the kernels index with (the ops are reachable as torch.ops.circleloss_ext.*)."""
+    if queries.dim() != 2 or keys.dim() != 2 or queries.shape[1] != keys.shape[1]:
+        raise ValueError(f"queries (B, D) and keys (N, D) must share D, got {tuple(queries.shape)} and "
+                         f"{tuple(keys.shape)}")
+    if exclude_self and keys.shape[0] != queries.shape[0]:
+        raise ValueError("exclude_self: in-batch keys must be the queries (N = B)")
+    B, N = queries.shape[0], keys.shape[0]
+    for name, t, n in (("query_labels", query_labels, B), ("key_labels", key_labels, N),
+                       *((name, t, B) for name, t in rows.items())):
+        if t is not None and tuple(t.shape) != (n,):
+            raise ValueError(f"{name} must have shape ({n},), got {tuple(t.shape)}")
+
+
 @torch.library.custom_op("circleloss_ext::fused_forward", mutates_args=())
 def fused_forward(queries: Tensor, keys: Tensor, query_labels: Tensor, key_labels: Optional[Tensor],
                   margin: float, gamma: float, exclude_self: bool,
                   backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(L, LP, LN, inv_norm_q, inv_norm_k), all float32: per-row loss and the statistics backward needs."""
+    """(L, LP, LN, inv_norm_q, inv_norm_k), all float32: per-row loss (0 for a row that takes no
+    part, whatever its values) and the statistics backward needs."""
+    _check_sizes(queries, keys, query_labels, key_labels, exclude_self)
     impl = _kernels(backend)
     inv_norm_q = impl.inverse_norms(queries)
     inv_norm_k = inv_norm_q.clone() if exclude_self else impl.inverse_norms(keys)
     lse_pos, lse_neg = impl.circle_forward(queries, keys, query_labels, key_labels, inv_norm_q, inv_norm_k,
                                            margin, gamma, exclude_self)
-    return F.softplus(lse_pos + lse_neg), lse_pos, lse_neg, inv_norm_q, inv_norm_k
+    row_loss = torch.where(rows_taking_part(lse_pos, lse_neg), F.softplus(lse_pos + lse_neg), 0.0)
+    return row_loss, lse_pos, lse_neg, inv_norm_q, inv_norm_k
 
 
 @fused_forward.register_fake
@@ -46,7 +129,20 @@ def fused_backward(grad_rows: Tensor, queries: Tensor, keys: Tensor, query_label
                    key_labels: Optional[Tensor], inv_norm_q: Tensor, inv_norm_k: Tensor, lse_pos: Tensor,
                    lse_neg: Tensor, margin: float, gamma: float, exclude_self: bool, detach_alpha: bool,
                    need_queries: bool, need_keys: bool, backend: str) -> tuple[Tensor, Tensor]:
-    """(∂L/∂queries, ∂L/∂keys) in the inputs' dtypes; an empty tensor stands for a gradient not asked for."""
+    """(∂L/∂queries, ∂L/∂keys) in the inputs' dtypes; an empty tensor stands for a gradient not asked for.
+
+    A row that takes no part reaches no gradient, whatever its values (NaN, inf): its query row and
+    inverse norm are zeroed (so its similarities are 0 and finite), its upstream gradient is 0 and
+    its log-sum-exps +inf (so every G_ij of the row is exactly 0). As a key (in-batch) it is untouched.
+    """
+    _check_sizes(queries, keys, query_labels, key_labels, exclude_self, grad_rows=grad_rows, lse_pos=lse_pos,
+                 lse_neg=lse_neg, inv_norm_q=inv_norm_q)
+    takes_part = rows_taking_part(lse_pos, lse_neg)
+    queries = torch.where(takes_part[:, None], queries, 0.0)
+    inv_norm_q = torch.where(takes_part, inv_norm_q, 0.0)
+    grad_rows = torch.where(takes_part, grad_rows, 0.0)
+    lse_pos = torch.where(takes_part, lse_pos, float("inf"))
+    lse_neg = torch.where(takes_part, lse_neg, float("inf"))
     grad_q, grad_k = _kernels(backend).circle_backward(
         grad_rows, queries, keys, query_labels, key_labels, inv_norm_q, inv_norm_k, lse_pos, lse_neg,
         margin, gamma, exclude_self, detach_alpha, need_queries, need_keys)

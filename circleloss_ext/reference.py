@@ -14,16 +14,29 @@ def circle_loss_rows(queries, keys, query_labels, key_labels, *, margin, gamma, 
 
     key_labels b_j; for class-level keys (rows of W) pass b_j = j. With exclude_self the keys are the
     queries and the pair (i, i) is left out. Math in float32 (float64 for float64 inputs).
+    A row without a positive or a negative takes no part: L_i = 0 and its values (NaN included)
+    reach no gradient; as a key it still counts for the other rows.
     """
-    lse_pos, lse_neg, has_pos, has_neg = circle_lse(queries, keys, query_labels, key_labels, margin=margin,
-                                                    gamma=gamma, exclude_self=exclude_self,
-                                                    detach_alpha=detach_alpha)
-    return F.softplus(lse_pos + lse_neg), has_pos & has_neg
+    has_loss = rows_with_positive_and_negative(query_labels, key_labels, exclude_self)
+    queries = queries.masked_fill(~has_loss[:, None], 0)
+    lse_pos, lse_neg = circle_lse(queries, keys, query_labels, key_labels, margin=margin, gamma=gamma,
+                                  exclude_self=exclude_self, detach_alpha=detach_alpha)
+    return torch.where(has_loss, F.softplus(lse_pos + lse_neg), 0), has_loss
+
+
+def rows_with_positive_and_negative(query_labels, key_labels, exclude_self):
+    """Whether row i has a positive and a negative, from label counts: O((B + N) log N), no B × N mask."""
+    sorted_labels = key_labels.sort().values
+    with_label = (torch.searchsorted(sorted_labels, query_labels, right=True)
+                  - torch.searchsorted(sorted_labels, query_labels))  # keys labelled a_i (i itself when in batch)
+    positives = with_label - int(exclude_self)
+    negatives = key_labels.shape[0] - with_label
+    return (positives > 0) & (negatives > 0)
 
 
 def circle_lse(queries, keys, query_labels, key_labels, *, margin, gamma, exclude_self, detach_alpha):
-    """(LP, LN, has_pos, has_neg): the log-sum-exps of each row's positive and negative logits
-    (-inf where there is none), by the paper's equations on a materialised S."""
+    """(LP, LN): the log-sum-exps of each row's positive and negative logits (-inf where there is
+    none), by the paper's equations on a materialised S."""
     dtype = torch.promote_types(queries.dtype, torch.float32)
     with torch.autocast(queries.device.type, enabled=False):
         s = F.normalize(queries.to(dtype), dim=1, eps=EPS) @ F.normalize(keys.to(dtype), dim=1, eps=EPS).T
@@ -46,4 +59,4 @@ def circle_lse(queries, keys, query_labels, key_labels, *, margin, gamma, exclud
 
     lse_pos = torch.logsumexp(u.masked_fill(~positive, float("-inf")), dim=1)
     lse_neg = torch.logsumexp(v.masked_fill(~negative, float("-inf")), dim=1)
-    return lse_pos, lse_neg, positive.any(dim=1), negative.any(dim=1)
+    return lse_pos, lse_neg

@@ -4,11 +4,13 @@ import math
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 REDUCTIONS = ("none", "sum", "mean")
 BACKENDS = ("auto", "triton", "cpu", "reference")
+FUSED_BACKENDS = ("triton", "cpu")
 
 
-def check_matrix(name: str, x, dim: int = None, dim_name: str = "D") -> None:
+def check_matrix(name: str, x, dim: int = None, dim_name: str = "D", like: str = "embeddings") -> None:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if x.dim() != 2:
@@ -18,7 +20,7 @@ def check_matrix(name: str, x, dim: int = None, dim_name: str = "D") -> None:
     if x.shape[0] == 0 or x.shape[1] == 0:
         raise ValueError(f"{name} must have at least one row and one column, got shape {tuple(x.shape)}")
     if dim is not None and x.shape[1] != dim:
-        raise ValueError(f"{name} must have {dim_name} = {dim} columns (as embeddings), got shape {tuple(x.shape)}")
+        raise ValueError(f"{name} must have {dim_name} = {dim} columns (as {like}), got shape {tuple(x.shape)}")
 
 
 def check_labels(name: str, labels, rows: int, rows_of: str) -> None:
@@ -39,11 +41,22 @@ def check_same(name: str, x: torch.Tensor, ref_name: str, ref: torch.Tensor, dty
                         "(cast one, or run under torch.autocast)")
 
 
-def check_hyperparameters(margin, gamma, reduction, backend) -> None:
-    if not isinstance(margin, (int, float)) or not math.isfinite(margin):
+def check_margin_and_scale(margin, gamma) -> None:
+    """m: any finite number (the paper sweeps m < 0 too; every fused path follows α's clipping for
+    any m). γ: finite and > 0."""
+    if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not math.isfinite(margin):
         raise ValueError(f"m must be a finite number, got {margin!r}")
-    if not isinstance(gamma, (int, float)) or not math.isfinite(gamma) or gamma <= 0:
+    if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not math.isfinite(gamma) or gamma <= 0:
         raise ValueError(f"gamma must be a finite number > 0, got {gamma!r}")
+
+
+def check_bool(name: str, value) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {value!r}")
+
+
+def check_hyperparameters(margin, gamma, reduction, backend) -> None:
+    check_margin_and_scale(margin, gamma)
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     if backend not in BACKENDS:
@@ -61,3 +74,42 @@ def check_label_values(labels: torch.Tensor, num_classes: int, ignore_index: int
         first = labels[bad][0].item()
         raise ValueError(f"labels must lie in [0, num_classes={num_classes}) or equal "
                          f"ignore_index={ignore_index}; found {first}")
+
+
+def check_function_arguments(queries, keys, query_labels, key_labels, margin, gamma, detach_alpha,
+                             backend) -> None:
+    """CircleLossFunction's arguments, with the functions' messages, plus what only the fused paths
+    require: 16- or 32-bit operands and a fused backend. Class labels are read (one host sync)."""
+    check_matrix("queries", queries)
+    if queries.dtype not in FUSED_DTYPES:
+        raise TypeError(f"queries must be float16, bfloat16 or float32 for a fused backend, got {queries.dtype} "
+                        "(circle_loss and pairwise_circle_loss send float64 to the reference)")
+    check_labels("query_labels", query_labels, queries.shape[0], "queries")
+    check_same("query_labels", query_labels, "queries", queries, dtype=False)
+    if keys is None:
+        if key_labels is not None:
+            raise ValueError("key_labels must be None when keys is None (the batch against itself: "
+                             "query_labels label the keys too)")
+    else:
+        check_matrix("keys", keys, queries.shape[1], like="queries")
+        check_same("keys", keys, "queries", queries)
+        if key_labels is not None:
+            check_labels("key_labels", key_labels, keys.shape[0], "keys")
+            check_same("key_labels", key_labels, "queries", queries, dtype=False)
+    check_margin_and_scale(margin, gamma)
+    check_bool("detach_alpha", detach_alpha)
+    if backend not in FUSED_BACKENDS:
+        raise ValueError(f"backend must be 'triton' or 'cpu' (a fused backend), got {backend!r}")
+    if keys is not None and key_labels is None:
+        check_class_indices("query_labels", query_labels, keys.shape[0])
+
+
+def check_class_indices(name: str, labels: torch.Tensor, num_keys: int) -> None:
+    """Class-level keys: a label indexes a row of keys, or is negative (no class: no positive, no loss)."""
+    bad = labels >= num_keys
+    if torch.compiler.is_compiling():
+        torch._assert_async(~bad.any(), f"{name} must be < N = {num_keys} or negative")
+        return
+    if bool(bad.any()):
+        raise ValueError(f"{name} must be < N = {num_keys} (a row of keys) or negative (no class); "
+                         f"found {labels[bad][0].item()}")

@@ -20,6 +20,7 @@ import argparse
 import glob
 import os
 import tempfile
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -75,7 +76,9 @@ def nearest_class_accuracy(backbone, class_matrix, prototypes, generator, size=2
 def main():
     args = parse_args()
     torch.set_num_threads(1)  # one core per rank
-    dist.init_process_group("gloo")
+    # Every rank must call each forward: one that skips it (or dies) leaves the others waiting in a
+    # collective until this timeout, which then raises on them. A step here takes milliseconds.
+    dist.init_process_group("gloo", timeout=timedelta(minutes=2))
     rank, world_size = dist.get_rank(), dist.get_world_size()
 
     torch.manual_seed(0)  # the same initial backbone everywhere (DDP also broadcasts rank 0's)
