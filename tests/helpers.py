@@ -41,9 +41,10 @@ def to64(t):
     return t.detach().double() if t.is_floating_point() else t
 
 
-def check_against_reference(fn, tensors, backend, dtype=torch.float32, **kwargs):
+def check_against_reference(fn, tensors, backend, dtype=torch.float32, grad_atol=0.0, **kwargs):
     """fn(..., backend=backend) against fn(..., backend="reference") in float64 on the same
-    (dtype-rounded) inputs: loss and every gradient. Returns the fused backend's loss."""
+    (dtype-rounded) inputs: loss and every gradient (within the dtype's tolerance relative to the
+    largest reference entry, plus grad_atol). Returns the fused backend's loss."""
     loss, grads = run(fn, tensors, backend=backend, **kwargs)
     ref_loss, ref_grads = run(fn, [to64(t) for t in tensors], backend="reference", **kwargs)
     loss_tol, grad_tol = TOLERANCES[dtype]
@@ -51,13 +52,14 @@ def check_against_reference(fn, tensors, backend, dtype=torch.float32, **kwargs)
     torch.testing.assert_close(loss.double(), ref_loss, rtol=loss_tol, atol=loss_tol)
     for g, ref in zip(grads, ref_grads):
         assert g.dtype == dtype and g.shape == ref.shape
-        assert_close_scaled(g, ref, grad_tol)
+        assert_close_scaled(g, ref, grad_tol, grad_atol)
     return loss
 
 
-def assert_close_scaled(actual, expected, tol):
-    """max |actual - expected| <= tol * max |expected| (gradients of cosine losses span many scales)."""
+def assert_close_scaled(actual, expected, tol, atol=0.0):
+    """max |actual - expected| <= tol * max |expected| + atol (gradients of cosine losses span many
+    scales; atol covers inputs whose true gradient cancels to nearly 0, where float32 leaves noise)."""
     scale = expected.abs().max().item()
     err = (actual.double() - expected).abs().max().item()
     assert torch.isfinite(actual).all(), "non-finite values"
-    assert err <= tol * max(scale, 1e-12), f"max error {err:.3e} > {tol} * {scale:.3e}"
+    assert err <= tol * max(scale, 1e-12) + atol, f"max error {err:.3e} > {tol} * {scale:.3e} + {atol:.1e}"

@@ -7,8 +7,8 @@ import torch
 
 import circleloss_ext as cl
 import circleloss_ext.kernels  # noqa: F401  (triton reads TRITON_INTERPRET when the kernels are defined)
-from circleloss_ext import api
-from circleloss_ext.api import resolve_backend
+from circleloss_ext import ops
+from circleloss_ext.ops import resolve_backend
 from helpers import DEVICE, TOLERANCES, assert_close_scaled, device_for, make_inputs, run, to64
 
 E, W, Y, _ = make_inputs(6, 10, 4, device="cpu")
@@ -89,8 +89,8 @@ def test_backend_resolution():
 
 
 def test_cpu_backend_without_the_extension(monkeypatch):
-    monkeypatch.setattr(api, "cpu_extension_built", lambda: False)
-    monkeypatch.setattr(api, "_warned_no_cpu_extension", False)
+    monkeypatch.setattr(ops, "cpu_extension_built", lambda: False)
+    monkeypatch.setattr(ops, "_warned_no_cpu_extension", False)
     with pytest.raises(RuntimeError, match="backend='cpu' needs the C\\+\\+ extension circleloss_ext._C"):
         cl.circle_loss(E, W, Y, backend="cpu")
     with pytest.warns(RuntimeWarning, match="was not built") as warned:
@@ -196,7 +196,7 @@ def test_pairwise_module_matches_metric_learning_call():
 
 
 def test_cross_entropy_identity():
-    """With one positive, Circle Loss is cross-entropy over z_y = -u_iy and z_j = v_ij (circle-loss.md)."""
+    """With one positive, Circle Loss is cross-entropy over z_y = -u_iy and z_j = v_ij (docs/design.md)."""
     emb, weight, labels, _ = make_inputs(11, 17, 9)
     m, gamma = 0.25, 64.0
     s = torch.nn.functional.normalize(emb.double()) @ torch.nn.functional.normalize(weight.double()).T

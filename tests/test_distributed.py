@@ -145,6 +145,36 @@ def test_bad_use_raises_on_every_rank():
     run_ranks(_bad_use, 2)
 
 
+MISMATCHED_SETTINGS = [  # (the settings of rank r, the error every rank must raise)
+    (lambda r: dict(num_classes=10 + 2 * r), r"same num_classes; got \[10, 12\]"),
+    (lambda r: dict(embedding_dim=EMB_DIM + r), r"same embedding_dim; got \[8, 9\]"),
+    (lambda r: dict(m=0.25 + 0.1 * r), "same m"),
+    (lambda r: dict(gamma=64.0 * (r + 1)), r"same gamma; got \[64.0, 128.0\]"),
+    (lambda r: dict(sample_rate=1.0 - 0.5 * r), "same sample_rate"),
+    (lambda r: dict(detach_alpha=r == 0), "same detach_alpha"),
+    (lambda r: dict(backend="reference" if r else "auto"), "same backend"),
+    (lambda r: dict(dtype=torch.float64 if r else torch.float32), "same dtype"),
+    (lambda r: dict(device="meta" if r else "cpu"), "same device_type"),
+    (lambda r: dict(gamma=-1.0 if r else 64.0), "on rank 1: gamma must be a finite number > 0"),
+    (lambda r: dict(num_classes=1 if r else 10), "on rank 1: num_classes must be an int of at least the world size 2"),
+    (lambda r: dict(sample_rate=2.0 if r == 0 else 1.0), r"on rank 0: sample_rate must lie in \(0, 1\]"),
+]
+
+
+def _mismatched_settings(rank, world_size):
+    for settings_of, message in MISMATCHED_SETTINGS:
+        settings = {"num_classes": 10, "embedding_dim": EMB_DIM, **settings_of(rank)}
+        with pytest.raises(ValueError, match=message):
+            ShardedCircleLoss(settings.pop("num_classes"), settings.pop("embedding_dim"), **settings)
+    agreed = ShardedCircleLoss(10, EMB_DIM, gamma=64.0)  # after all those, an agreeing head still works
+    assert torch.isfinite(agreed(torch.randn(3, EMB_DIM), torch.arange(3) + 3 * rank))
+
+
+def test_ranks_that_disagree_on_settings_raise_the_same_error():
+    """Before the check, num_classes 10 and 12 gave a loss in which class 10 belonged to no rank."""
+    run_ranks(_mismatched_settings, 2)
+
+
 def test_needs_a_process_group():
     assert not dist.is_initialized()
     with pytest.raises(RuntimeError, match="needs an initialised process group"):
