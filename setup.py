@@ -14,11 +14,14 @@ from torch.utils.cpp_extension import BuildExtension, CppExtension
 
 
 class OptionalBuildExtension(BuildExtension):
-    """Build csrc/ when a compiler is there; otherwise say so and install the rest."""
+    """Build csrc/ when a compiler is there; otherwise say so and install the rest.
 
-    def build_extension(self, ext):
+    The whole of build_extensions is guarded: torch checks the compiler's ABI before any extension
+    is compiled, and that check is where a missing or unusable compiler fails first."""
+
+    def build_extensions(self):
         try:
-            super().build_extension(ext)
+            super().build_extensions()
         except Exception as error:  # no compiler, or a toolchain torch cannot use
             print(f"circleloss-ext: the C++ CPU path was not built ({error}); backend='cpu' will be "
                   "unavailable and backend='auto' uses the reference on CPU tensors", file=sys.stderr)
