@@ -1,11 +1,10 @@
-"""circleloss-ext: fused Circle Loss for PyTorch.
+"""The C++ extension circleloss_ext._C (csrc/, the fused CPU path); everything else is in pyproject.toml.
 
-kernels/ (Triton code only) installs as circleloss_ext.kernels, never as a top-level `kernels`;
-csrc/ builds the fused CPU path, circleloss_ext._C. Install without build isolation, so that pip
-builds against the torch already installed instead of fetching another into a build environment:
-    pip install --no-build-isolation -e .
-Where no C++ compiler is found the package installs without _C and the CPU path falls back to
-the reference (with a warning).
+Install without build isolation, so that the extension builds against the torch already installed
+instead of one fetched into a build environment:
+    pip install --no-build-isolation --no-deps -e .
+Where no C++ compiler is found the package installs without _C and the CPU path falls back to the
+reference (with a warning).
 """
 import sys
 
@@ -28,18 +27,10 @@ class OptionalBuildExtension(BuildExtension):
 
 
 setup(
-    name="circleloss-ext",
-    version="0.1.0",
-    description="Fused Circle Loss (Sun et al., CVPR 2020) for PyTorch: Triton and C++ kernels that never hold B x C",
-    python_requires=">=3.10",
-    packages=["circleloss_ext", "circleloss_ext.kernels"],
-    package_dir={"circleloss_ext": "circleloss_ext", "circleloss_ext.kernels": "kernels"},
     # -fopenmp: at::parallel_for is a header template that runs serially unless the extension itself is
     # built with OpenMP; the library binds to the libgomp torch has already loaded (same soname).
     ext_modules=[CppExtension("circleloss_ext._C", ["csrc/circle_loss_cpu.cpp"],
                               extra_compile_args=["-O3", "-march=native", "-fno-math-errno", "-fopenmp"],
                               extra_link_args=["-fopenmp"])],
     cmdclass={"build_ext": OptionalBuildExtension},
-    install_requires=["torch>=2.4", "triton>=3.2", "numpy"],
-    extras_require={"test": ["pytest", "hypothesis"]},
 )

@@ -1,11 +1,17 @@
 """Public functions: validation, autocast, backend dispatch and the reduction."""
+from typing import Literal, Optional
+
 import torch
+from torch import Tensor
 
 from . import reference
 from .function import FusedRows
 from .ops import resolve_backend
-from .validation import (check_bool, check_hyperparameters, check_label_values, check_labels, check_matrix,
-                         check_same)
+from .validation import (as_index_labels, check_hyperparameters, check_ignore_index, check_label_values,
+                         check_labels, check_matrix, check_same)
+
+Reduction = Literal["none", "sum", "mean"]
+Backend = Literal["auto", "triton", "cpu", "reference"]
 
 
 def _autocast(*tensors):
@@ -42,25 +48,28 @@ def _rows(backend, queries, keys, query_labels, key_labels, margin, gamma, exclu
                            backend)
 
 
-def circle_loss(embeddings, weight, labels, *, m=0.25, gamma=256.0, reduction="mean", detach_alpha=True,
-                ignore_index=-100, backend="auto"):
+def circle_loss(embeddings: Tensor, weight: Tensor, labels: Tensor, *, m: float = 0.25, gamma: float = 256.0,
+                reduction: Reduction = "mean", detach_alpha: bool = True, ignore_index: int = -100,
+                backend: Backend = "auto") -> Tensor:
     """Circle Loss with class-level labels: embeddings (B, D) against the class matrix W = weight (C, D).
 
-    Both are unnormalised (normalised inside). labels: int64 (B,) in [0, C), or ignore_index for rows
-    that take no part. reduction "none" gives (B,) row losses (0 for ignored rows), "sum" their sum,
-    "mean" their sum over the rows that have a loss (0 when none). detach_alpha=True treats the
-    weights α as constants in the gradient, as the paper does. backend: "auto", "triton", "cpu" or
-    "reference" (README, Backends).
+    Both are unnormalised (normalised inside); fp16, bf16, fp32 or fp64, of one dtype and device.
+    labels: int64 or int32 (B,) in [0, C), or ignore_index for rows that take no part.
+    m: margin (any finite number), gamma: scale γ > 0. reduction "none" gives (B,) row losses (0 for
+    rows without a loss), "sum" their sum, "mean" their sum over the rows that have a loss (0 when
+    none). detach_alpha=True treats the weights α as constants in the gradient, as the paper does;
+    False gives the true derivative. backend: "auto" (triton for CUDA tensors, cpu for CPU tensors),
+    "triton" (the fused Triton kernels), "cpu" (the fused C++ path) or "reference" (the naive
+    formulation); float64 always runs the reference.
     """
     check_matrix("embeddings", embeddings)
     check_matrix("weight", weight, embeddings.shape[1])
     check_same("weight", weight, "embeddings", embeddings)
     check_labels("labels", labels, embeddings.shape[0], "embeddings")
     check_same("labels", labels, "embeddings", embeddings, dtype=False)
-    check_hyperparameters(m, gamma, reduction, backend)
-    check_bool("detach_alpha", detach_alpha)
-    if not isinstance(ignore_index, int):
-        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    check_hyperparameters(m, gamma, reduction, backend, detach_alpha)
+    check_ignore_index(ignore_index)
+    labels = as_index_labels(labels)
     (embeddings, weight), out_dtype = _autocast(embeddings, weight)
     run = resolve_backend(backend, embeddings)
     check_label_values(labels, weight.shape[0], ignore_index)
@@ -70,12 +79,15 @@ def circle_loss(embeddings, weight, labels, *, m=0.25, gamma=256.0, reduction="m
     return _reduce(row_loss, has_loss, reduction, out_dtype)
 
 
-def pairwise_circle_loss(embeddings, labels, *, ref_embeddings=None, ref_labels=None, m=0.4, gamma=80.0,
-                         reduction="mean", detach_alpha=True, backend="auto"):
+def pairwise_circle_loss(embeddings: Tensor, labels: Tensor, *, ref_embeddings: Optional[Tensor] = None,
+                         ref_labels: Optional[Tensor] = None, m: float = 0.4, gamma: float = 80.0,
+                         reduction: Reduction = "mean", detach_alpha: bool = True,
+                         backend: Backend = "auto") -> Tensor:
     """Circle Loss with pair-wise labels: each embedding against the others of the batch (the pair
     (i, i) left out) or against a reference set (ref_embeddings (N, D), ref_labels (N,), e.g. a
     cross-batch memory). Positives share the label, negatives do not; rows without a positive or
-    a negative have no loss (0 under "none", not counted by "mean").
+    a negative have no loss (0 under "none", not counted by "mean"). Labels are int64 or int32.
+    Other arguments and the backends ("auto", "triton", "cpu", "reference") as circle_loss.
     """
     check_matrix("embeddings", embeddings)
     check_labels("labels", labels, embeddings.shape[0], "embeddings")
@@ -88,11 +100,12 @@ def pairwise_circle_loss(embeddings, labels, *, ref_embeddings=None, ref_labels=
         check_same("ref_embeddings", ref_embeddings, "embeddings", embeddings)
         check_labels("ref_labels", ref_labels, ref_embeddings.shape[0], "ref_embeddings")
         check_same("ref_labels", ref_labels, "embeddings", embeddings, dtype=False)
-    check_hyperparameters(m, gamma, reduction, backend)
-    check_bool("detach_alpha", detach_alpha)
+    check_hyperparameters(m, gamma, reduction, backend, detach_alpha)
+    labels = as_index_labels(labels)
     exclude_self = ref_embeddings is None
     if exclude_self:
         ref_embeddings, ref_labels = embeddings, labels
+    ref_labels = as_index_labels(ref_labels)
     (embeddings, ref_embeddings), out_dtype = _autocast(embeddings, ref_embeddings)
     if exclude_self:
         ref_embeddings = embeddings

@@ -9,15 +9,17 @@ backward runs the fused backward of each shard against those global statistics. 
 another rank's rows or their gradients.
 """
 import math
+from typing import Optional
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 
 from . import ops, reference
+from .api import Backend
 from .ops import resolve_backend
-from .validation import check_bool, check_hyperparameters, check_matrix
+from .validation import LABEL_DTYPES, as_index_labels, check_hyperparameters, check_matrix
 
 _NEG_INF = float("-inf")
 
@@ -121,7 +123,7 @@ class ShardedCircleLoss(nn.Module):
     Rank r of W owns rows [class_start, class_stop) of W (num_classes // W of them, one more on the
     first num_classes % W ranks), exposed as `weight`, `class_start`, `class_stop`.
 
-    forward(local_embeddings (b, D), local_labels int64 (b,), global class ids in [0, num_classes))
+    forward(local_embeddings (b, D), local_labels int64 or int32 (b,), global class ids in [0, num_classes))
     returns the loss of the whole global batch (the mean over its W·b rows), the same on every rank.
     Every rank must call it with the same b.
 
@@ -142,10 +144,18 @@ class ShardedCircleLoss(nn.Module):
 
     backend: "auto" (triton for CUDA tensors, cpu for CPU tensors, the reference for float64),
     "triton", "cpu" or "reference". Works over NCCL with CUDA tensors and gloo with CPU tensors.
+
+    Construction is collective: every rank must construct the module, with the same num_classes,
+    embedding_dim, m, gamma, sample_rate, detach_alpha, backend, dtype and device type (checked by
+    one all-gather; any mismatch or bad argument raises the same error on every rank). Every forward
+    is collective too: a rank that skips one leaves the others waiting for the process group's
+    timeout (docs/distributed.md).
     """
 
-    def __init__(self, num_classes, embedding_dim, *, process_group=None, m=0.25, gamma=256.0, sample_rate=1.0,
-                 detach_alpha=True, backend="auto", seed=0, device=None, dtype=None):
+    def __init__(self, num_classes: int, embedding_dim: int, *, process_group: Optional[dist.ProcessGroup] = None,
+                 m: float = 0.25, gamma: float = 256.0, sample_rate: float = 1.0, detach_alpha: bool = True,
+                 backend: Backend = "auto", seed: int = 0, device: Optional[torch.device] = None,
+                 dtype: Optional[torch.dtype] = None) -> None:
         super().__init__()
         if not (dist.is_available() and dist.is_initialized()):
             raise RuntimeError("ShardedCircleLoss needs an initialised process group: call "
@@ -171,8 +181,7 @@ class ShardedCircleLoss(nn.Module):
         self.last_sampled = None
 
     def _check_settings(self, num_classes, embedding_dim, m, gamma, sample_rate, detach_alpha, backend, **_):
-        check_hyperparameters(m, gamma, "mean", backend)
-        check_bool("detach_alpha", detach_alpha)
+        check_hyperparameters(m, gamma, "mean", backend, detach_alpha)
         if isinstance(embedding_dim, bool) or not isinstance(embedding_dim, int) or embedding_dim < 1:
             raise ValueError(f"embedding_dim must be a positive int, got {embedding_dim!r}")
         if isinstance(sample_rate, bool) or not (isinstance(sample_rate, (int, float)) and 0 < sample_rate <= 1):
@@ -209,8 +218,9 @@ class ShardedCircleLoss(nn.Module):
     def _check_batch(self, embeddings, labels):
         """Shapes locally, then one small all-gather so that every rank raises the same error."""
         check_matrix("local_embeddings", embeddings)
-        if not isinstance(labels, torch.Tensor) or labels.dtype != torch.int64 or labels.shape != embeddings.shape[:1]:
-            raise ValueError(f"local_labels must be an int64 tensor of shape ({embeddings.shape[0]},)")
+        if not isinstance(labels, torch.Tensor) or labels.dtype not in LABEL_DTYPES or \
+                labels.shape != embeddings.shape[:1]:
+            raise ValueError(f"local_labels must be an int64 or int32 tensor of shape ({embeddings.shape[0]},)")
         out_of_range = ((labels < 0) | (labels >= self.num_classes)).any()
         facts = torch.stack([torch.tensor(embeddings.shape[0]), torch.tensor(embeddings.shape[1]),
                              out_of_range.cpu().long()]).to(self.weight.device)
@@ -246,8 +256,9 @@ class ShardedCircleLoss(nn.Module):
         position[sampled] = torch.arange(keep, device=self.weight.device)
         return sampled, torch.where(in_shard, position[local.clamp(0, rows - 1)], -1)
 
-    def forward(self, local_embeddings, local_labels):
+    def forward(self, local_embeddings: Tensor, local_labels: Tensor) -> Tensor:
         self._check_batch(local_embeddings, local_labels)
+        local_labels = as_index_labels(local_labels)
         if local_embeddings.device != self.weight.device or local_embeddings.dtype != self.weight.dtype:
             raise ValueError(f"local_embeddings ({local_embeddings.dtype}, {local_embeddings.device}) must match "
                              f"weight ({self.weight.dtype}, {self.weight.device})")

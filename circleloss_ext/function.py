@@ -6,7 +6,7 @@ head have checked them); CircleLossFunction, the public one, checks them first.
 import torch
 
 from . import ops
-from .validation import check_function_arguments
+from .validation import as_index_labels, check_function_arguments
 
 
 class FusedRows(torch.autograd.Function):
@@ -46,8 +46,13 @@ class CircleLossFunction(FusedRows):
 
     apply(queries, keys, query_labels, key_labels, margin, gamma, detach_alpha, backend) -> (L, has_loss)
 
+    Arguments, by position (autograd Functions take no keywords):
+      queries: Tensor (B, D); keys: Optional[Tensor] (N, D); query_labels: Tensor (B,);
+      key_labels: Optional[Tensor] (N,); margin: float; gamma: float; detach_alpha: bool;
+      backend: "triton" or "cpu". Returns (Tensor float32 (B,), Tensor bool (B,)).
+
     queries (B, D), keys (N, D): unnormalised, same dtype (fp16, bf16 or fp32) and device.
-    query_labels int64 (B,); key_labels int64 (N,), or None for class-level keys (the rows of W,
+    query_labels int64 or int32 (B,); key_labels likewise (N,), or None for class-level keys (the rows of W,
     b_j = j: a label is < N, or negative for a row of no class, which has no positive and so no loss).
     keys None (with key_labels None): the keys are the queries themselves and the pair (i, i) is
     left out. margin m: any finite number; gamma γ > 0. backend: "triton" or "cpu" (a fused one).
@@ -62,5 +67,6 @@ class CircleLossFunction(FusedRows):
     def forward(ctx, queries, keys, query_labels, key_labels, margin, gamma, detach_alpha, backend):
         check_function_arguments(queries, keys, query_labels, key_labels, margin, gamma, detach_alpha, backend)
         ops.check_backend_runs(backend, queries)
-        return FusedRows.forward(ctx, queries, keys, query_labels, key_labels, float(margin), float(gamma),
-                                 detach_alpha, backend)
+        key_labels = None if key_labels is None else as_index_labels(key_labels)
+        return FusedRows.forward(ctx, queries, keys, as_index_labels(query_labels), key_labels, float(margin),
+                                 float(gamma), detach_alpha, backend)

@@ -1,51 +1,83 @@
-"""nn.Modules around the two label forms."""
+"""nn.Modules around the two label forms.
+
+Hyper-parameters are plain attributes, checked at construction with the functions' messages and read
+at every forward: assigning `head.gamma = 32.0` (a margin or scale schedule) takes effect at the next
+step, and a bad value assigned later is refused there.
+"""
 import math
+from typing import Optional
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
-from .api import circle_loss, pairwise_circle_loss
+from .api import Backend, Reduction, circle_loss, pairwise_circle_loss
+from .validation import check_hyperparameters, check_ignore_index
 
 
 class CircleLoss(nn.Module):
     """Class-level Circle Loss that owns the class matrix W: weight (num_classes, embedding_dim),
-    initialised as nn.Linear's weight is. forward(embeddings (B, D), labels int64 (B,))."""
+    initialised as nn.Linear's weight is. forward(embeddings (B, D), labels int64 or int32 (B,)).
 
-    def __init__(self, num_classes, embedding_dim, *, m=0.25, gamma=256.0, reduction="mean", detach_alpha=True,
-                 ignore_index=-100, backend="auto", device=None, dtype=None):
+    m, gamma, reduction, detach_alpha, ignore_index and backend ("auto", "triton", "cpu",
+    "reference") mean what they mean for circle_loss. For pair-wise labels (metric learning, no class
+    matrix) use PairwiseCircleLoss.
+    """
+
+    def __init__(self, num_classes: Optional[int] = None, embedding_dim: Optional[int] = None, *, m: float = 0.25,
+                 gamma: float = 256.0, reduction: Reduction = "mean", detach_alpha: bool = True,
+                 ignore_index: int = -100, backend: Backend = "auto", device: Optional[torch.device] = None,
+                 dtype: Optional[torch.dtype] = None) -> None:
         super().__init__()
-        if not isinstance(num_classes, int) or num_classes < 1:
-            raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
-        if not isinstance(embedding_dim, int) or embedding_dim < 1:
-            raise ValueError(f"embedding_dim must be a positive int, got {embedding_dim!r}")
+        if num_classes is None or embedding_dim is None:
+            raise TypeError("CircleLoss is the class-level head: it owns the class matrix W and needs "
+                            "num_classes and embedding_dim, e.g. CircleLoss(num_classes, embedding_dim, m=0.25, "
+                            "gamma=256.0). For pair-wise labels (pytorch-metric-learning's CircleLoss(m=0.4, "
+                            "gamma=80)) use circleloss_ext.PairwiseCircleLoss(m=0.4, gamma=80.0)")
+        for name, value in (("num_classes", num_classes), ("embedding_dim", embedding_dim)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        check_hyperparameters(m, gamma, reduction, backend, detach_alpha)
+        check_ignore_index(ignore_index)
         self.num_classes, self.embedding_dim = num_classes, embedding_dim
-        self.options = dict(m=m, gamma=gamma, reduction=reduction, detach_alpha=detach_alpha,
-                            ignore_index=ignore_index, backend=backend)
+        self.m, self.gamma, self.reduction, self.detach_alpha = m, gamma, reduction, detach_alpha
+        self.ignore_index, self.backend = ignore_index, backend
         self.weight = nn.Parameter(torch.empty(num_classes, embedding_dim, device=device, dtype=dtype))
         self.reset_parameters()
 
-    def reset_parameters(self):
+    def reset_parameters(self) -> None:
         nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))  # nn.Linear's initialisation
 
-    def forward(self, embeddings, labels):
-        return circle_loss(embeddings, self.weight, labels, **self.options)
+    def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
+        return circle_loss(embeddings, self.weight, labels, m=self.m, gamma=self.gamma, reduction=self.reduction,
+                           detach_alpha=self.detach_alpha, ignore_index=self.ignore_index, backend=self.backend)
 
-    def extra_repr(self):
-        return f"num_classes={self.num_classes}, embedding_dim={self.embedding_dim}, " + \
-            ", ".join(f"{k}={v!r}" for k, v in self.options.items())
+    def extra_repr(self) -> str:
+        return (f"num_classes={self.num_classes}, embedding_dim={self.embedding_dim}, m={self.m!r}, "
+                f"gamma={self.gamma!r}, reduction={self.reduction!r}, detach_alpha={self.detach_alpha!r}, "
+                f"ignore_index={self.ignore_index!r}, backend={self.backend!r}")
 
 
 class PairwiseCircleLoss(nn.Module):
     """Pair-wise Circle Loss with pytorch-metric-learning's call:
-    forward(embeddings, labels, ref_emb=None, ref_labels=None)."""
+    forward(embeddings, labels, ref_emb=None, ref_labels=None); labels int64 or int32.
 
-    def __init__(self, *, m=0.4, gamma=80.0, reduction="mean", detach_alpha=True, backend="auto"):
+    m, gamma, reduction, detach_alpha and backend ("auto", "triton", "cpu", "reference") mean what
+    they mean for pairwise_circle_loss.
+    """
+
+    def __init__(self, *, m: float = 0.4, gamma: float = 80.0, reduction: Reduction = "mean",
+                 detach_alpha: bool = True, backend: Backend = "auto") -> None:
         super().__init__()
-        self.options = dict(m=m, gamma=gamma, reduction=reduction, detach_alpha=detach_alpha, backend=backend)
+        check_hyperparameters(m, gamma, reduction, backend, detach_alpha)
+        self.m, self.gamma, self.reduction, self.detach_alpha, self.backend = m, gamma, reduction, detach_alpha, \
+            backend
 
-    def forward(self, embeddings, labels, ref_emb=None, ref_labels=None):
-        return pairwise_circle_loss(embeddings, labels, ref_embeddings=ref_emb, ref_labels=ref_labels,
-                                    **self.options)
+    def forward(self, embeddings: Tensor, labels: Tensor, ref_emb: Optional[Tensor] = None,
+                ref_labels: Optional[Tensor] = None) -> Tensor:
+        return pairwise_circle_loss(embeddings, labels, ref_embeddings=ref_emb, ref_labels=ref_labels, m=self.m,
+                                    gamma=self.gamma, reduction=self.reduction, detach_alpha=self.detach_alpha,
+                                    backend=self.backend)
 
-    def extra_repr(self):
-        return ", ".join(f"{k}={v!r}" for k, v in self.options.items())
+    def extra_repr(self) -> str:
+        return (f"m={self.m!r}, gamma={self.gamma!r}, reduction={self.reduction!r}, "
+                f"detach_alpha={self.detach_alpha!r}, backend={self.backend!r}")

@@ -23,14 +23,24 @@ def check_matrix(name: str, x, dim: int = None, dim_name: str = "D", like: str =
         raise ValueError(f"{name} must have {dim_name} = {dim} columns (as {like}), got shape {tuple(x.shape)}")
 
 
+LABEL_DTYPES = (torch.int64, torch.int32)
+
+
 def check_labels(name: str, labels, rows: int, rows_of: str) -> None:
+    """Labels: a 1-D int64 or int32 tensor (int32 as DALI loaders and pytorch-metric-learning give)
+    with one entry per row; callers widen int32 to int64 (as_index_labels)."""
     if not isinstance(labels, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor of int64, got {type(labels).__name__}")
-    if labels.dtype != torch.int64:
-        raise TypeError(f"{name} must have dtype torch.int64, got {labels.dtype}")
+        raise TypeError(f"{name} must be a torch.Tensor of int64 or int32, got {type(labels).__name__}")
+    if labels.dtype not in LABEL_DTYPES:
+        raise TypeError(f"{name} must have dtype torch.int64 or torch.int32, got {labels.dtype}")
     if labels.dim() != 1 or labels.shape[0] != rows:
         raise ValueError(f"{name} must have shape ({rows},), one label per row of {rows_of}, "
                          f"got {tuple(labels.shape)}")
+
+
+def as_index_labels(labels: torch.Tensor) -> torch.Tensor:
+    """Checked labels as the kernels read them: int64 (a copy of B or N integers for int32)."""
+    return labels.long()
 
 
 def check_same(name: str, x: torch.Tensor, ref_name: str, ref: torch.Tensor, dtype: bool = True) -> None:
@@ -55,12 +65,19 @@ def check_bool(name: str, value) -> None:
         raise TypeError(f"{name} must be a bool, got {value!r}")
 
 
-def check_hyperparameters(margin, gamma, reduction, backend) -> None:
+def check_hyperparameters(margin, gamma, reduction, backend, detach_alpha=True) -> None:
+    """The options every function and module takes, with the messages they all share."""
     check_margin_and_scale(margin, gamma)
-    if reduction not in REDUCTIONS:
+    if not isinstance(reduction, str) or reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    if backend not in BACKENDS:
+    if not isinstance(backend, str) or backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    check_bool("detach_alpha", detach_alpha)
+
+
+def check_ignore_index(ignore_index) -> None:
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
 
 
 def check_label_values(labels: torch.Tensor, num_classes: int, ignore_index: int) -> None:

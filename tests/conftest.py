@@ -8,6 +8,9 @@ import torch
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 
+# triton.jit reads TRITON_INTERPRET when a kernel is defined: define them now, before any test changes it.
+import circleloss_ext.kernels  # noqa: E402,F401
+
 
 @pytest.fixture(autouse=True)
 def _seed():

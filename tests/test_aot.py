@@ -21,7 +21,6 @@ def report(tmp_path_factory):
     out = tmp_path_factory.mktemp("aot") / "report.json"
     # conftest.py turns the interpreter on for the CPU tests; the compiler needs it off.
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = REPO
     run = subprocess.run(
         [sys.executable, "-m", "circleloss_ext.aot", "--arch", "80", "--arch", "90",
          "--dtype", "bf16", "--dtype", "fp32", "--json", str(out)],

@@ -6,7 +6,6 @@ import pytest
 import torch
 
 import circleloss_ext as cl
-import circleloss_ext.kernels  # noqa: F401  (triton reads TRITON_INTERPRET when the kernels are defined)
 from circleloss_ext import ops
 from circleloss_ext.ops import resolve_backend
 from helpers import DEVICE, TOLERANCES, assert_close_scaled, device_for, make_inputs, run, to64
@@ -26,7 +25,8 @@ BAD_CLASS_CALLS = [
     (dict(weight=W[:, :3]), "weight must have D = 4"),
     (dict(embeddings=E.long()), "embeddings must be float"),
     (dict(weight=W.double()), "weight has dtype"),
-    (dict(labels=Y.int()), "labels must have dtype torch.int64"),
+    (dict(labels=Y.short()), "labels must have dtype torch.int64 or torch.int32, got torch.int16"),
+    (dict(labels=Y.to(torch.uint8)), "labels must have dtype torch.int64 or torch.int32, got torch.uint8"),
     (dict(labels=Y[:5]), r"labels must have shape \(6,\)"),
     (dict(labels=Y.float()), "labels must have dtype"),
     (dict(labels=torch.tensor([0, 1, 2, 3, 4, 10])), r"labels must lie in \[0, num_classes=10\)"),

@@ -10,12 +10,10 @@ import sys
 import pytest
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
+from benchmarks import run as benchmark  # the repository's benchmarks/: `python -m pytest` runs from the root
+from benchmarks.cases import Case, make_inputs
 
-from benchmarks import run as benchmark  # noqa: E402
-from benchmarks.cases import Case, make_inputs  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 STATS = {"median", "q25", "q75", "min", "max", "samples"}
 
