@@ -87,15 +87,16 @@ def rows_taking_part(lse_pos: Tensor, lse_neg: Tensor) -> Tensor:
 
 
 def _check_sizes(queries: Tensor, keys: Tensor, query_labels: Tensor, key_labels: Optional[Tensor],
-                 exclude_self: bool, **rows: Tensor) -> None:
-    """The sizes the kernels index with (the ops are reachable as torch.ops.circleloss_ext.*)."""
+                 exclude_self: bool, inv_norm_k: Optional[Tensor] = None, **rows: Tensor) -> None:
+    """The sizes the kernels index with (the ops are reachable as torch.ops.circleloss_ext.*): labels,
+    inv_norm_k (N,) and the per-row vectors given as keywords (B,)."""
     if queries.dim() != 2 or keys.dim() != 2 or queries.shape[1] != keys.shape[1]:
         raise ValueError(f"queries (B, D) and keys (N, D) must share D, got {tuple(queries.shape)} and "
                          f"{tuple(keys.shape)}")
     if exclude_self and keys.shape[0] != queries.shape[0]:
         raise ValueError("exclude_self: in-batch keys must be the queries (N = B)")
     B, N = queries.shape[0], keys.shape[0]
-    for name, t, n in (("query_labels", query_labels, B), ("key_labels", key_labels, N),
+    for name, t, n in (("query_labels", query_labels, B), ("key_labels", key_labels, N), ("inv_norm_k", inv_norm_k, N),
                        *((name, t, B) for name, t in rows.items())):
         if t is not None and tuple(t.shape) != (n,):
             raise ValueError(f"{name} must have shape ({n},), got {tuple(t.shape)}")
@@ -135,8 +136,8 @@ def fused_backward(grad_rows: Tensor, queries: Tensor, keys: Tensor, query_label
     inverse norm are zeroed (so its similarities are 0 and finite), its upstream gradient is 0 and
     its log-sum-exps +inf (so every G_ij of the row is exactly 0). As a key (in-batch) it is untouched.
     """
-    _check_sizes(queries, keys, query_labels, key_labels, exclude_self, grad_rows=grad_rows, lse_pos=lse_pos,
-                 lse_neg=lse_neg, inv_norm_q=inv_norm_q)
+    _check_sizes(queries, keys, query_labels, key_labels, exclude_self, inv_norm_k, grad_rows=grad_rows,
+                 lse_pos=lse_pos, lse_neg=lse_neg, inv_norm_q=inv_norm_q)
     takes_part = rows_taking_part(lse_pos, lse_neg)
     queries = torch.where(takes_part[:, None], queries, 0.0)
     inv_norm_q = torch.where(takes_part, inv_norm_q, 0.0)

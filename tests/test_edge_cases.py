@@ -249,3 +249,24 @@ def test_cpu_results_do_not_depend_on_thread_count(B, C, D):
         _, _, (loss_1, grads_1) = results[0 if name == "circle_loss" else 1]
         assert torch.equal(loss, loss_1), (count, name)
         assert all(torch.equal(a, b) for a, b in zip(grads, grads_1)), (count, name)
+
+
+def test_custom_ops_check_the_sizes_they_index(fused):
+    """torch.ops.circleloss_ext.* are reachable too: sizes are checked before any kernel reads."""
+    device = device_for(fused)
+    emb, weight, labels, _ = make_inputs(6, 10, 4, device=device)
+    short = labels[:3]
+    with pytest.raises(ValueError, match=r"query_labels must have shape \(6,\)"):
+        torch.ops.circleloss_ext.fused_forward(emb, weight, short, None, 0.25, 64.0, False, fused)
+    with pytest.raises(ValueError, match=r"key_labels must have shape \(10,\)"):
+        torch.ops.circleloss_ext.fused_forward(emb, weight, labels, short, 0.25, 64.0, False, fused)
+    with pytest.raises(ValueError, match="must share D"):
+        torch.ops.circleloss_ext.fused_forward(emb, weight[:, :3], labels, None, 0.25, 64.0, False, fused)
+    rows, lse_pos, lse_neg, inv_q, inv_k = torch.ops.circleloss_ext.fused_forward(emb, weight, labels, None, 0.25,
+                                                                                  64.0, False, fused)
+    with pytest.raises(ValueError, match=r"lse_neg must have shape \(6,\)"):
+        torch.ops.circleloss_ext.fused_backward(rows, emb, weight, labels, None, inv_q, inv_k, lse_pos, lse_neg[:2],
+                                                0.25, 64.0, False, True, True, True, fused)
+    with pytest.raises(ValueError, match=r"inv_norm_k must have shape \(10,\)"):
+        torch.ops.circleloss_ext.fused_backward(rows, emb, weight, labels, None, inv_q, inv_k[:4], lse_pos, lse_neg,
+                                                0.25, 64.0, False, True, True, True, fused)
