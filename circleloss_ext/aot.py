@@ -29,7 +29,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from .kernels.aot_specs import OPERAND_TYPES, launches
-from .kernels.presets import PRESETS, arch_family, interpreting, operand_width
+from .kernels.presets import AOT_SHARED_BYTES, PRESETS, arch_family, interpreting, operand_width
 
 _RESOURCE = re.compile(r"\b(REG|STACK|SHARED|LOCAL):(\d+)")
 _COLUMNS = (("kernel", 27), ("variant", 40), ("arch", 5), ("config", 25), ("registers", 9),
@@ -49,7 +49,8 @@ def resource_usage(cubin: bytes) -> dict:
 
 def compile_launch(launch, arch: int) -> dict:
     """Compile one launch for sm_<arch> with its preset; returns its row of the report."""
-    config = PRESETS[(arch_family(arch // 10), operand_width(launch.dtype))][launch.kernel]
+    family = arch_family(arch // 10, AOT_SHARED_BYTES[arch])
+    config = PRESETS[(family, operand_width(launch.dtype))][launch.kernel]
     signature, constexprs, attrs = launch.compile_args(config)
     compiled = triton.compile(ASTSource(launch.fn, signature, constexprs, attrs),
                               target=GPUTarget("cuda", arch, 32),
@@ -82,8 +83,8 @@ def _table_row(row: dict) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m circleloss_ext.aot", description=__doc__.split("\n")[0])
-    parser.add_argument("--arch", type=int, action="append",
-                        help="CUDA compute capability as major*10+minor, e.g. 80 or 90; repeatable "
+    parser.add_argument("--arch", type=int, action="append", choices=sorted(AOT_SHARED_BYTES),
+                        help="CUDA compute capability as major*10+minor, 80 or 90; repeatable "
                              "(default: 80 and 90)")
     parser.add_argument("--dtype", choices=list(OPERAND_TYPES.values()), action="append",
                         help="only launches with this operand dtype; repeatable (default: all)")

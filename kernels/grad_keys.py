@@ -42,7 +42,7 @@ def circle_grad_keys_kernel(
         for d0 in range(0, D, BLOCK_D):
             dims = d0 + tl.arange(0, BLOCK_D)
             in_d = (dims < D)[None, :]
-            q = tl.load(q_ptr + rows[:, None] * stride_qb + dims[None, :] * stride_qd,
+            q = tl.load(q_ptr + rows[:, None] * stride_qb + dims[None, :].to(tl.int64) * stride_qd,
                         mask=row_ok[:, None] & in_d, other=0.0)
             acc = matmul(grad_s_t, q, None, DOT_PRECISION)
             out = out_keys + dims[None, :]

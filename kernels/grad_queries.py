@@ -47,7 +47,7 @@ def circle_grad_queries_kernel(
         for d0 in range(0, D, BLOCK_D):
             dims = d0 + tl.arange(0, BLOCK_D)
             in_d = (dims < D)[None, :]
-            k = tl.load(k_ptr + keys[:, None] * stride_kn + dims[None, :] * stride_kd,
+            k = tl.load(k_ptr + keys[:, None] * stride_kn + dims[None, :].to(tl.int64) * stride_kd,
                         mask=key_ok[:, None] & in_d, other=0.0)
             acc = matmul(grad_s, k, None, DOT_PRECISION)
             out = out_rows + dims[None, :]

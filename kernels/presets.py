@@ -77,8 +77,19 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def arch_family(major: int) -> str:
-    return "sm90" if major >= 9 else "sm80"
+# The sm_90 presets take up to 99 KB of shared memory per block: devices that offer less (sm_80's
+# consumer parts, sm_120's 99 KB) get the sm_80 presets (at most 49 KB).
+_SM90_SHARED_BYTES = 200 * 1024
+# What the offline compiles of aot.py assume for their targets (A100: 163 KB, H100: 227 KB per block).
+AOT_SHARED_BYTES = {80: 163 * 1024, 90: 227 * 1024}
+
+
+def arch_family(major: int, shared_bytes_per_block: int) -> str:
+    """The preset family for a device: tensor-core dots need sm_80 or newer (bf16 and tf32 operands)."""
+    if major < 8:
+        raise RuntimeError(f"backend='triton' needs an NVIDIA GPU of compute capability 8.0 or newer (bf16 and "
+                           f"tf32 tensor cores); this one is {major}.x: use backend='reference'")
+    return "sm90" if major >= 9 and shared_bytes_per_block >= _SM90_SHARED_BYTES else "sm80"
 
 
 def operand_width(dtype: torch.dtype) -> str:
@@ -89,7 +100,9 @@ def tile_config(kernel: str, x: torch.Tensor) -> LaunchConfig:
     if interpreting():
         return _INTERPRETER[kernel]
     major, _ = torch.cuda.get_device_capability(x.device)
-    return PRESETS[(arch_family(major), operand_width(x.dtype))][kernel]
+    properties = torch.cuda.get_device_properties(x.device)
+    shared = getattr(properties, "shared_memory_per_block_optin", properties.shared_memory_per_block)
+    return PRESETS[(arch_family(major, shared), operand_width(x.dtype))][kernel]
 
 
 def target_programs(x: torch.Tensor) -> int:

@@ -29,13 +29,13 @@ def project_kernel(raw_ptr, x_ptr, inv_norm_ptr, out_ptr, R, D, S, stride_xr, st
     for d0 in range(0, D, BLOCK_D):
         dims = d0 + tl.arange(0, BLOCK_D)
         mask = row_ok[:, None] & (dims < D)[None, :]
-        x = tl.load(x_ptr + rows[:, None] * stride_xr + dims[None, :] * stride_xd, mask=mask, other=0.0)
+        x = tl.load(x_ptr + rows[:, None] * stride_xr + dims[None, :].to(tl.int64) * stride_xd, mask=mask, other=0.0)
         radial += tl.sum(_summed_chunk(raw_ptr, rows, dims, mask, R, D, S) * x.to(tl.float32), axis=1)
     radial = radial * inv_norm * inv_norm  # (x̂ · X) / ‖x‖: the coefficient of x in the projection
     for d0 in range(0, D, BLOCK_D):
         dims = d0 + tl.arange(0, BLOCK_D)
         mask = row_ok[:, None] & (dims < D)[None, :]
-        x = tl.load(x_ptr + rows[:, None] * stride_xr + dims[None, :] * stride_xd, mask=mask, other=0.0)
+        x = tl.load(x_ptr + rows[:, None] * stride_xr + dims[None, :].to(tl.int64) * stride_xd, mask=mask, other=0.0)
         grad = (_summed_chunk(raw_ptr, rows, dims, mask, R, D, S) - radial[:, None] * x.to(tl.float32)) \
             * inv_norm[:, None]
         tl.store(out_ptr + rows[:, None] * D + dims[None, :], grad.to(out_ptr.dtype.element_ty), mask=mask)

@@ -16,7 +16,7 @@ def inv_norm_kernel(x_ptr, out_ptr, R, D, stride_r, stride_d, eps,
     sum_sq = tl.zeros((BLOCK_R,), dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
         dims = d0 + tl.arange(0, BLOCK_D)
-        x = tl.load(x_ptr + rows[:, None] * stride_r + dims[None, :] * stride_d,
+        x = tl.load(x_ptr + rows[:, None] * stride_r + dims[None, :].to(tl.int64) * stride_d,
                     mask=row_ok[:, None] & (dims < D)[None, :], other=0.0).to(tl.float32)
         sum_sq += tl.sum(x * x, axis=1)
     tl.store(out_ptr + rows, 1.0 / tl.maximum(tl.sqrt(sum_sq), eps), mask=row_ok)

@@ -36,8 +36,8 @@ def dot_tile(q_ptr, k_ptr, rows, keys, B, N, D, stride_qb, stride_qd, stride_kn,
     for d0 in range(0, D, BLOCK_D):
         dims = d0 + tl.arange(0, BLOCK_D)
         in_d = (dims < D)[None, :]
-        q = tl.load(q_ptr + row_in + dims[None, :] * stride_qd, mask=row_ok & in_d, other=0.0)
-        k = tl.load(k_ptr + key_in + dims[None, :] * stride_kd, mask=key_ok & in_d, other=0.0)
+        q = tl.load(q_ptr + row_in + dims[None, :].to(tl.int64) * stride_qd, mask=row_ok & in_d, other=0.0)
+        k = tl.load(k_ptr + key_in + dims[None, :].to(tl.int64) * stride_kd, mask=key_ok & in_d, other=0.0)
         acc = matmul(q, tl.trans(k), acc, DOT_PRECISION)
     return acc
 

@@ -270,3 +270,26 @@ def test_custom_ops_check_the_sizes_they_index(fused):
     with pytest.raises(ValueError, match=r"inv_norm_k must have shape \(10,\)"):
         torch.ops.circleloss_ext.fused_backward(rows, emb, weight, labels, None, inv_q, inv_k[:4], lse_pos, lse_neg,
                                                 0.25, 64.0, False, True, True, True, fused)
+
+
+# GPU presets: chosen by capability and shared memory; tile logic of the sm_90 presets on the CPU -------
+
+def test_preset_families():
+    from circleloss_ext.kernels.presets import arch_family
+    assert arch_family(9, 227 * 1024) == "sm90" and arch_family(10, 227 * 1024) == "sm90"
+    assert arch_family(8, 163 * 1024) == "sm80"
+    assert arch_family(12, 99 * 1024) == "sm80"  # consumer Blackwell: the sm_90 tiles would not fit
+    with pytest.raises(RuntimeError, match="compute capability 8.0 or newer"):
+        arch_family(7, 96 * 1024)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_sm90_presets_under_the_interpreter(dtype, monkeypatch):
+    """The interpreter runs the H100 tiles (128 × 128 × 64 in 16 bits) on a case that crosses their row,
+    key and D boundaries, so their masking is checked without a GPU."""
+    from circleloss_ext.kernels import presets
+    monkeypatch.setattr(presets, "_INTERPRETER", presets.PRESETS[("sm90", presets.operand_width(dtype))])
+    emb, weight, labels, _ = make_inputs(130, 261, 70, dtype=dtype, device="cpu")
+    check_against_reference(cl.circle_loss, (emb, weight, labels), "triton", dtype=dtype, reduction="sum",
+                            detach_alpha=False)
+    check_against_reference(cl.pairwise_circle_loss, (emb, labels % 5), "triton", dtype=dtype)
