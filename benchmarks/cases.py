@@ -9,7 +9,8 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 @dataclass(frozen=True)
 class Case:
     """One shape. label_form "class": B embeddings against a class matrix W of N = C rows;
-    "pair": B embeddings against a labelled reference set of N rows."""
+    "pair": B embeddings against a labelled reference set of N rows; "batch": the B embeddings
+    against each other (N = B, the pair (i, i) left out)."""
     label_form: str
     B: int
     N: int
@@ -18,6 +19,8 @@ class Case:
 
     @property
     def name(self) -> str:
+        if self.label_form == "batch":
+            return f"batch-B{self.B}-D{self.D}-{self.dtype}"
         keys = "C" if self.label_form == "class" else "N"
         return f"{self.label_form}-B{self.B}-{keys}{self.N}-D{self.D}-{self.dtype}"
 
@@ -45,9 +48,21 @@ def full_grid() -> list:
     return [TARGET_CASE] + class_level + pair_wise
 
 
+# The GPU goals (issue 8), in bf16: A, large-class face training; B, the CPU target's shape; C, a
+# pair-wise batch of 65,536 against itself.
+GPU_CASE_A = Case("class", 1024, 1_000_000, 512, "bf16")
+GPU_CASE_B = Case("class", 512, 100_000, 128, "bf16")
+GPU_CASE_C = Case("batch", 65_536, 65_536, 128, "bf16")
+
+
+def gpu_check_grid() -> list:
+    """What benchmarks/gpu_check.sh measures: cases A, B and C."""
+    return [GPU_CASE_B, GPU_CASE_A, GPU_CASE_C]
+
+
 def quick_grid() -> list:
     """A smoke run of a few seconds: one tiny case per label form."""
-    return [Case("class", 64, 2000, 32, "fp32"), Case("pair", 64, 1024, 32, "fp32")]
+    return [Case("class", 64, 2000, 32, "fp32"), Case("pair", 64, 1024, 32, "fp32"), Case("batch", 64, 64, 32, "fp32")]
 
 
 def select(cases: list, patterns: list) -> list:
@@ -62,9 +77,9 @@ def pair_label_count(case: Case) -> int:
 
 
 def make_inputs(case: Case, device: str, seed: int = 0) -> dict:
-    """Random unnormalised embeddings (B, D) and keys (N, D), generated on the device in the case's
-    dtype and both requiring grad, and labels: class labels in [0, C), or pair-wise labels for both
-    sides."""
+    """Random unnormalised embeddings (B, D) and keys (N, D; none for "batch"), generated on the
+    device in the case's dtype and requiring grad, and labels: class labels in [0, C), or pair-wise
+    labels for both sides."""
     generator = torch.Generator(device=device).manual_seed(seed)
 
     def normal(rows):
@@ -74,8 +89,9 @@ def make_inputs(case: Case, device: str, seed: int = 0) -> dict:
         return torch.randint(0, label_count, (count,), generator=generator, device=device)
 
     label_count = case.N if case.label_form == "class" else pair_label_count(case)
-    inputs = {"embeddings": normal(case.B).requires_grad_(), "keys": normal(case.N).requires_grad_(),
-              "labels": labels(case.B)}
+    inputs = {"embeddings": normal(case.B).requires_grad_(), "labels": labels(case.B)}
+    if case.label_form != "batch":
+        inputs["keys"] = normal(case.N).requires_grad_()
     if case.label_form == "pair":
         inputs["key_labels"] = labels(case.N)
     return inputs

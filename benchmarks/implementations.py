@@ -29,7 +29,16 @@ def pair_wise_loss(embeddings, keys, labels, key_labels, backend):
                                                backend=backend)
 
 
-LOSSES = {"class": class_level_loss, "pair": pair_wise_loss}
+def in_batch_loss(embeddings, labels, backend):
+    """The pair-wise call within a batch: every embedding against the others."""
+    return circleloss_ext.pairwise_circle_loss(embeddings, labels, backend=backend)
+
+
+LOSSES = {"class": class_level_loss, "pair": pair_wise_loss, "batch": in_batch_loss}
+
+
+def _leaves(inputs: dict) -> tuple:
+    return tuple(inputs[name] for name in ("embeddings", "keys") if name in inputs)
 
 
 def estimated_peak_bytes(case: Case, impl: str):
@@ -39,7 +48,7 @@ def estimated_peak_bytes(case: Case, impl: str):
 
 
 def _loss_step(loss, inputs: dict, backend: str) -> Step:
-    leaves = (inputs["embeddings"], inputs["keys"])
+    leaves = _leaves(inputs)
 
     def prepare():
         for leaf in leaves:
@@ -54,7 +63,8 @@ def _floor_step(inputs: dict) -> Step:
     backward S again (a fused kernel keeps no B × N tensor, so it recomputes S), G·K for the
     query gradient and Gᵀ·Q for the key gradient (S stands in for G: values do not change the
     time). Over key chunks, into preallocated outputs."""
-    queries, keys = inputs["embeddings"].detach(), inputs["keys"].detach()
+    queries = inputs["embeddings"].detach()
+    keys = inputs["keys"].detach() if "keys" in inputs else queries
     rows = max(1, min(keys.shape[0], FLOOR_CHUNK_BYTES // (queries.shape[0] * queries.element_size())))
     chunks = keys.split(rows)
     scores = queries.new_empty(queries.shape[0], rows)
@@ -100,9 +110,9 @@ def fused_error(backend: str, device: str) -> float:
     small fp32 case of each label form, relative to the largest reference value. Raises what the
     backend raises when it cannot run here."""
     worst = 0.0
-    for case in (Case("class", 8, 64, 16, "fp32"), Case("pair", 8, 64, 16, "fp32")):
+    for case in (Case("class", 8, 64, 16, "fp32"), Case("pair", 8, 64, 16, "fp32"), Case("batch", 8, 8, 16, "fp32")):
         inputs = make_inputs(case, device)
-        leaves = (inputs["embeddings"], inputs["keys"])
+        leaves = _leaves(inputs)
         results = []
         for name in ("reference", backend):
             for leaf in leaves:

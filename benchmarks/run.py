@@ -1,4 +1,4 @@
-"""Command line: `python -m benchmarks.run [--full | --quick] [--cases ...] [--fused-backend ...]`.
+"""Command line: `python -m benchmarks.run [--full | --gpu-check | --quick] [--cases ...] [--fused-backend ...]`.
 
 Runs every (case, implementation) of the grid in this process, prints the table and the targets,
 writes the JSON record and the plot under benchmarks/results/ (or --out). How each number is taken:
@@ -34,6 +34,8 @@ def parse_args(argv):
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     grid = parser.add_mutually_exclusive_group()
     grid.add_argument("--full", action="store_true", help="the large grid meant for a GPU")
+    grid.add_argument("--gpu-check", action="store_true",
+                      help="cases A, B, C of the GPU goals (bf16; what benchmarks/gpu_check.sh runs)")
     grid.add_argument("--quick", action="store_true",
                       help="a tiny smoke grid, without torch.compile unless --impls names it")
     parser.add_argument("--cases", nargs="+", default=[], metavar="PATTERN",
@@ -138,7 +140,8 @@ def measure(case, impl: str, inputs: dict, device: str, fused_backend: str) -> d
 def main(argv=None) -> int:
     started = time.perf_counter()
     args = parse_args(argv)
-    grid = grids.full_grid() if args.full else grids.quick_grid() if args.quick else grids.default_grid()
+    grid = (grids.full_grid() if args.full else grids.gpu_check_grid() if args.gpu_check
+            else grids.quick_grid() if args.quick else grids.default_grid())
     cases = grids.select(grid, args.cases)
     if not cases:
         sys.exit(f"no case matches {args.cases}; cases: {', '.join(case.name for case in grid)}")

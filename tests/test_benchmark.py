@@ -35,7 +35,7 @@ def test_quick_run_writes_the_record(tmp_path):
     assert record["fused_backend"] == "reference"
     assert record["fused_max_relative_error"] < 1e-6  # the reference against itself
     assert {(row["label_form"], row["impl"]) for row in record["rows"]} == \
-        {(form, impl) for form in ("class", "pair") for impl in ("naive", "fused", "floor")}
+        {(form, impl) for form in ("class", "pair", "batch") for impl in ("naive", "fused", "floor")}
     for row in record["rows"]:
         assert row["status"] == "ok", row
         for phase in ("forward_ms", "backward_ms", "fwd_bwd_ms"):

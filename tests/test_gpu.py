@@ -1,0 +1,82 @@
+"""The GPU tier: the compiled Triton kernels with the GPU presets (what the interpreter cannot show:
+compiled bf16 products, int32 address overflow, the tile sizes of sm_80 / sm_90). Run by
+benchmarks/gpu_check.sh on a lent H100 or H200; on a machine without CUDA every test here is
+skipped, with this reason shown.
+
+Shapes cross every tile and split boundary of the GPU presets (128-row and 128-key tiles, D chunks
+of 32 or 64, D not a multiple of 16), every dtype and label form; one case has C·D > 2^31; two runs
+must give the same bits. Kernel variants are few on purpose: each compiles once (seconds each).
+"""
+import pytest
+import torch
+
+import circleloss_ext as cl
+from helpers import assert_close_scaled, check_against_reference, make_inputs, run
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
+                                reason="GPU tier: needs CUDA (benchmarks/gpu_check.sh runs it on a GPU)")
+
+
+@pytest.mark.parametrize("dtype,B,C,D", [(torch.bfloat16, 1, 1000, 512), (torch.bfloat16, 129, 4099, 72),
+                                         (torch.bfloat16, 300, 20_011, 130), (torch.float16, 129, 4099, 72),
+                                         (torch.float32, 129, 4099, 72)])
+def test_class_level_across_tiles(dtype, B, C, D):
+    emb, weight, labels, _ = make_inputs(B, C, D, dtype=dtype)
+    labels[::7] = -100
+    check_against_reference(cl.circle_loss, (emb, weight, labels), "triton", dtype=dtype, reduction="sum")
+
+
+@pytest.mark.parametrize("detach_alpha", [True, False])
+def test_true_and_detached_derivative(detach_alpha):
+    emb, weight, labels, _ = make_inputs(257, 3001, 96, dtype=torch.bfloat16)
+    weight[labels[:40]] = emb[:40] * 1.5  # peaked positives at s = 1
+    check_against_reference(cl.circle_loss, (emb, weight, labels), "triton", dtype=torch.bfloat16, m=-0.1,
+                            gamma=256.0, detach_alpha=detach_alpha)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_pairwise_forms_across_tiles(dtype):
+    emb, ref, labels, ref_labels = make_inputs(263, 2049, 80, dtype=dtype, num_labels=37)
+    check_against_reference(cl.pairwise_circle_loss, (emb, labels), "triton", dtype=dtype)
+
+    def against_memory(e, lab, r, rlab, **kw):
+        return cl.pairwise_circle_loss(e, lab, ref_embeddings=r, ref_labels=rlab, **kw)
+
+    check_against_reference(against_memory, (emb, labels, ref, ref_labels), "triton", dtype=dtype)
+
+
+@pytest.mark.parametrize("transposed", [False, True], ids=["row-major", "transposed"])
+def test_class_matrix_beyond_int32_offsets(transposed):
+    """C·D > 2^31 elements: row offsets (C · D) and, for a transposed W, D offsets (d · C) pass int32."""
+    B, C, D = 4, 4_300_000, 512
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    emb = torch.randn(B, D, device="cuda", generator=gen, dtype=torch.bfloat16)
+    if transposed:
+        weight = torch.randn(D, C, device="cuda", generator=gen, dtype=torch.bfloat16).t()
+    else:
+        weight = torch.randn(C, D, device="cuda", generator=gen, dtype=torch.bfloat16)
+    labels = torch.tensor([0, C // 2, C - 2, C - 1], device="cuda")
+    weight[labels[1]] = emb[1] * 2.0
+    emb.requires_grad_(), weight.requires_grad_()
+    loss = cl.circle_loss(emb, weight, labels, backend="triton", reduction="sum")
+    g_emb, g_weight = torch.autograd.grad(loss, (emb, weight))
+    e32, w32 = emb.detach().float().requires_grad_(), weight.detach().float().requires_grad_()
+    expected = cl.circle_loss(e32, w32, labels, backend="reference", reduction="sum")
+    r_emb, r_weight = torch.autograd.grad(expected, (e32, w32))
+    torch.testing.assert_close(loss.float(), expected, rtol=1e-2, atol=1e-2)
+    assert_close_scaled(g_emb, r_emb.double(), 4e-2)
+    for rows in (labels, torch.arange(C - 1000, C, device="cuda"), torch.arange(0, 1000, device="cuda")):
+        assert_close_scaled(g_weight[rows], r_weight[rows].double(), 4e-2)
+
+
+@pytest.mark.parametrize("form", ["class", "batch"])
+def test_same_bits_twice(form):
+    if form == "class":
+        emb, weight, labels, _ = make_inputs(1000, 50_000, 256, dtype=torch.bfloat16)
+        args, fn = (emb, weight, labels), cl.circle_loss
+    else:
+        emb, _, labels, _ = make_inputs(4096, 1, 128, dtype=torch.bfloat16, num_labels=500)
+        args, fn = (emb, labels), cl.pairwise_circle_loss
+    first, second = run(fn, args, backend="triton"), run(fn, args, backend="triton")
+    assert torch.equal(first[0], second[0])
+    assert all(torch.equal(a, b) for a, b in zip(first[1], second[1]))
