@@ -1,6 +1,6 @@
 """Compile every kernel launch ahead of time for CUDA archs and report registers, spills and shared memory.
 
-    python -m circleloss_ext.aot --arch 80 --arch 90 [--dtype bf16] [--json FILE]
+    python -m circleloss_ext.aot --arch 80 --arch 90 [--dtype bf16] [--json FILE] [--sass DIR]
 
 Needs no GPU: each launch listed in kernels/aot_specs.py is compiled with its preset from
 kernels/presets.py through triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32)).
@@ -15,6 +15,24 @@ The resource numbers are `cuobjdump -res-usage` (triton's bundled one) on the cu
   wgmma         whether the PTX uses Hopper's warpgroup matrix products (wgmma.mma_async); the table
                 shows it for sm_90 only.
 A failed compile is printed with its reason, the others still run, and the exit status is 1.
+
+Instruction counts, read from the SASS (`cuobjdump -sass`; `--sass DIR` keeps each kernel's), at
+D = 512 (the face-training width; ANALYSIS_D):
+  mma_flops_per_tile  the tensor-core work of one tile (one iteration of the kernel's outermost loop:
+                a BLOCK_B × BLOCK_N tile of S and what backward does with it): every HGMMA.MxNxK
+                (M·N·K·2 flops per warpgroup) or HMMA.mnk (m·n·k·2 per warp) in it, those inside an
+                inner loop (the D chunks) times its trip count, ceil(512 / BLOCK_D). For 16-bit
+                operands this is exactly the products' 2·BLOCK_B·BLOCK_N·D each (a test checks it);
+                fp32 operands count what 3xTF32 issues (three or more tf32 products per product).
+                0 for kernels without matrix products.
+  issue_to_mma  (SASS instructions executed per tile per warp, loop bodies × trip counts, × warps / 4
+                issue slots per SM cycle) / (mma_flops_per_tile / 4096 16-bit or 2048 tf32 flops per
+                SM cycle): above 1 a tile cannot keep the tensor cores busy whatever the overlap.
+                null where there are no products.
+  sync_waits    synchronous waits for all outstanding wgmma (`WARPGROUP.DEPBAR.LE gsb0, 0x0`) inside
+                an inner loop: each one stalls the warpgroup until its products are done.
+Estimates from the static code: software pipelining peels some iterations out of a loop, and branches
+inside the tile (edge masks) count both ways, so the counts are a little high.
 """
 import argparse
 import json
@@ -32,22 +50,66 @@ from .kernels.aot_specs import OPERAND_TYPES, launches
 from .kernels.presets import AOT_SHARED_BYTES, PRESETS, arch_family, interpreting, operand_width
 
 _RESOURCE = re.compile(r"\b(REG|STACK|SHARED|LOCAL):(\d+)")
+_SASS_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);")
+_BRANCH = re.compile(r"\bBRA\s+0x([0-9a-f]+)")
+_HGMMA = re.compile(r"\bHGMMA\.(\d+)x(\d+)x(\d+)\.")
+_HMMA = re.compile(r"\bHMMA\.168(\d+)\.")  # HMMA.16816: m16 n8 k16; HMMA.1688: m16 n8 k8
+ANALYSIS_D = 512
+_TENSOR_FLOPS_PER_CYCLE = {"16": 4096, "32": 2048}
 _COLUMNS = (("kernel", 27), ("variant", 40), ("arch", 5), ("config", 25), ("registers", 9),
-            ("spill_bytes", 11), ("shared_bytes", 12), ("wgmma", 5))
+            ("spill_bytes", 11), ("shared_bytes", 12), ("wgmma", 5), ("issue_to_mma", 12), ("sync_waits", 10))
 
 
-def resource_usage(cubin: bytes) -> dict:
-    """{"REG", "STACK", "SHARED", "LOCAL"} of the one kernel in cubin, from `cuobjdump -res-usage`."""
+def _cuobjdump(cubin: bytes, flag: str) -> str:
+    """What triton's bundled cuobjdump prints for cubin with flag (-res-usage, -sass)."""
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "kernel.cubin")
         with open(path, "wb") as f:
             f.write(cubin)
-        report = subprocess.run([triton.knobs.nvidia.cuobjdump.path, "-res-usage", path],
-                                capture_output=True, text=True, check=True).stdout
-    return {key: int(value) for key, value in _RESOURCE.findall(report)}
+        return subprocess.run([triton.knobs.nvidia.cuobjdump.path, flag, path], capture_output=True, text=True,
+                              check=True).stdout
 
 
-def compile_launch(launch, arch: int) -> dict:
+def resource_usage(cubin: bytes) -> dict:
+    """{"REG", "STACK", "SHARED", "LOCAL"} of the one kernel in cubin, from `cuobjdump -res-usage`."""
+    return {key: int(value) for key, value in _RESOURCE.findall(_cuobjdump(cubin, "-res-usage"))}
+
+
+def _mma_flops(instruction: str, warps: int) -> int:
+    """Tensor-core flops of one SASS instruction issued by every warp of a block (0 if it is none)."""
+    if match := _HGMMA.search(instruction):
+        m, n, k = map(int, match.groups())
+        return 2 * m * n * k * (warps // 4)  # per warpgroup
+    if match := _HMMA.search(instruction):
+        return 2 * 16 * 8 * int(match.group(1)) * warps
+    return 0
+
+
+def tile_counts(sass: str, warps: int, block_d: int) -> dict:
+    """{"instructions", "mma_flops", "sync_waits"} of one iteration of the outermost loop at D = ANALYSIS_D
+    (inner loops counted ceil(D / BLOCK_D) times); zeros when the kernel has no loop."""
+    code = [(int(address, 16), text.strip()) for address, text in _SASS_LINE.findall(sass)]
+    loops = [(int(target.group(1), 16), address) for address, text in code
+             if (target := _BRANCH.search(text)) and int(target.group(1), 16) < address]
+    if not loops:
+        return {"instructions": 0, "mma_flops": 0, "sync_waits": 0}
+    outer = max(loops, key=lambda loop: loop[1] - loop[0])
+    inner = [loop for loop in loops if loop != outer and outer[0] <= loop[0] and loop[1] <= outer[1]]
+    inner = [loop for loop in inner if not any(o != loop and o[0] <= loop[0] and loop[1] <= o[1] for o in inner)]
+    trips = -(-ANALYSIS_D // block_d)
+    counts = {"instructions": 0, "mma_flops": 0, "sync_waits": 0}
+    for address, text in code:
+        if not outer[0] <= address <= outer[1]:
+            continue
+        in_inner = any(start <= address <= stop for start, stop in inner)
+        times = trips if in_inner else 1
+        counts["instructions"] += times
+        counts["mma_flops"] += times * _mma_flops(text, warps)
+        counts["sync_waits"] += in_inner and "WARPGROUP.DEPBAR.LE gsb0, 0x0" in text
+    return counts
+
+
+def compile_launch(launch, arch: int, sass_dir: str = None) -> dict:
     """Compile one launch for sm_<arch> with its preset; returns its row of the report."""
     family = arch_family(arch // 10, AOT_SHARED_BYTES[arch])
     config = PRESETS[(family, operand_width(launch.dtype))][launch.kernel]
@@ -56,10 +118,21 @@ def compile_launch(launch, arch: int) -> dict:
                               target=GPUTarget("cuda", arch, 32),
                               options={"num_warps": config.num_warps, "num_stages": config.num_stages})
     usage = resource_usage(compiled.asm["cubin"])
-    return {"kernel": launch.fn.__name__, "variant": launch.variant, "arch": arch, "config": config.label(),
-            "registers": usage["REG"], "spill_bytes": usage["STACK"] + usage["LOCAL"],
-            "shared_bytes": usage["SHARED"] + compiled.metadata.shared,
-            "wgmma": "wgmma.mma_async" in compiled.asm["ptx"]}
+    sass = _cuobjdump(compiled.asm["cubin"], "-sass")
+    counts = tile_counts(sass, config.num_warps, config.blocks["BLOCK_D"])
+    mma_cycles = counts["mma_flops"] / _TENSOR_FLOPS_PER_CYCLE[operand_width(launch.dtype)]
+    row = {"kernel": launch.fn.__name__, "variant": launch.variant, "arch": arch, "config": config.label(),
+           "registers": usage["REG"], "spill_bytes": usage["STACK"] + usage["LOCAL"],
+           "shared_bytes": usage["SHARED"] + compiled.metadata.shared,
+           "wgmma": "wgmma.mma_async" in compiled.asm["ptx"],
+           "mma_flops_per_tile": counts["mma_flops"],
+           "issue_to_mma": counts["instructions"] * config.num_warps / 4 / mma_cycles if mma_cycles else None,
+           "sync_waits": counts["sync_waits"], "sass": None}
+    if sass_dir:
+        row["sass"] = f"{launch.fn.__name__}.sm_{arch}.{launch.variant.replace(' ', '_')}.sass"
+        with open(os.path.join(sass_dir, row["sass"]), "w") as f:
+            f.write(sass)
+    return row
 
 
 def _reasons(error: BaseException) -> str:
@@ -77,8 +150,9 @@ def _format(cells) -> str:
 
 def _table_row(row: dict) -> str:
     wgmma = ("yes" if row["wgmma"] else "no") if row["arch"] == 90 else "-"
+    ratio = "-" if row["issue_to_mma"] is None else f"{row['issue_to_mma']:.2f}"
     return _format([row["kernel"], row["variant"], f"sm_{row['arch']}", row["config"], row["registers"],
-                    row["spill_bytes"], row["shared_bytes"], wgmma])
+                    row["spill_bytes"], row["shared_bytes"], wgmma, ratio, row["sync_waits"]])
 
 
 def main(argv=None) -> int:
@@ -89,17 +163,20 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", choices=list(OPERAND_TYPES.values()), action="append",
                         help="only launches with this operand dtype; repeatable (default: all)")
     parser.add_argument("--json", metavar="FILE", help="also write the rows to FILE as a JSON list")
+    parser.add_argument("--sass", metavar="DIR", help="write each kernel's SASS into DIR (named in the rows)")
     args = parser.parse_args(argv)
     if interpreting():
         parser.error("TRITON_INTERPRET is set, so the kernels are interpreted rather than compiled: unset it")
     dtypes = [dtype for dtype, name in OPERAND_TYPES.items() if args.dtype is None or name in args.dtype]
+    if args.sass:
+        os.makedirs(args.sass, exist_ok=True)
 
     rows, failed = [], 0
     print(_format([name for name, _ in _COLUMNS]), flush=True)
     for arch in args.arch or [80, 90]:
         for launch in launches(dtypes):
             try:
-                row = compile_launch(launch, arch)
+                row = compile_launch(launch, arch, args.sass)
             except Exception as error:  # report every failure, then go on with the other launches
                 failed += 1
                 print(f"FAILED {launch.fn.__name__} sm_{arch} {launch.variant}: {_reasons(error)}",

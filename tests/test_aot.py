@@ -12,31 +12,34 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KERNELS = {"inv_norm_kernel", "circle_forward_kernel", "circle_grad_queries_kernel",
            "circle_grad_keys_kernel", "project_kernel"}
-KEYS = {"kernel", "arch", "config", "registers", "spill_bytes", "shared_bytes"}
+KEYS = {"kernel", "arch", "config", "registers", "spill_bytes", "shared_bytes", "mma_flops_per_tile",
+        "issue_to_mma", "sync_waits", "sass"}
+PRODUCTS_PER_TILE = {"circle_forward_kernel": 1, "circle_grad_queries_kernel": 2, "circle_grad_keys_kernel": 2}
 SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}  # bytes per block
 
 
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
-    out = tmp_path_factory.mktemp("aot") / "report.json"
+    folder = tmp_path_factory.mktemp("aot")
+    out = folder / "report.json"
     # conftest.py turns the interpreter on for the CPU tests; the compiler needs it off.
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
     run = subprocess.run(
         [sys.executable, "-m", "circleloss_ext.aot", "--arch", "80", "--arch", "90",
-         "--dtype", "bf16", "--dtype", "fp32", "--json", str(out)],
+         "--dtype", "bf16", "--dtype", "fp32", "--json", str(out), "--sass", str(folder / "sass")],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stdout + run.stderr
-    return run.stdout, json.loads(out.read_text())
+    return run.stdout, json.loads(out.read_text()), folder / "sass"
 
 
 def test_every_kernel_compiles_for_every_arch(report):
-    table, rows = report
+    table, rows, _ = report
     assert {(row["kernel"], row["arch"]) for row in rows} == {(k, a) for k in KERNELS for a in (80, 90)}
     assert all(row["kernel"] in table for row in rows)
 
 
 def test_rows_have_the_required_keys(report):
-    _, rows = report
+    _, rows, _ = report
     for row in rows:
         assert KEYS <= row.keys()
         assert isinstance(row["config"], str)
@@ -45,7 +48,7 @@ def test_rows_have_the_required_keys(report):
 
 
 def test_presets_neither_spill_nor_overflow_shared_memory(report):
-    _, rows = report
+    _, rows, _ = report
     for row in rows:
         assert row["spill_bytes"] == 0, f"spills: {row}"
         assert 0 < row["registers"] <= 255, row
@@ -53,7 +56,27 @@ def test_presets_neither_spill_nor_overflow_shared_memory(report):
 
 
 def test_matrix_products_use_wgmma_on_sm90(report):
-    _, rows = report
+    _, rows, _ = report
     for row in rows:
         if row["arch"] == 90 and row["kernel"].startswith("circle_"):
             assert row["wgmma"], row
+
+
+def test_tensor_core_work_read_from_the_sass(report):
+    """mma_flops_per_tile, counted from the HGMMA/HMMA instructions and loop trip counts, equals the
+    products' flops of one tile at D = 512 for 16-bit operands, so the SASS reading is right; 3xTF32
+    issues at least three tf32 products per product."""
+    _, rows, sass_dir = report
+    for row in rows:
+        assert (sass_dir / row["sass"]).is_file()
+        products = PRODUCTS_PER_TILE.get(row["kernel"], 0)
+        if not products:
+            assert row["mma_flops_per_tile"] == 0 and row["issue_to_mma"] is None, row
+            continue
+        blocks = dict(part.split("=") for part in row["config"].split() if part[0] in "BN")
+        flops = 2 * int(blocks["B"]) * int(blocks["N"]) * 512 * products
+        if row["variant"].startswith("fp32"):
+            assert row["mma_flops_per_tile"] >= 3 * flops, row
+        else:
+            assert row["mma_flops_per_tile"] == flops, row
+        assert 0 < row["issue_to_mma"] < 20, row
