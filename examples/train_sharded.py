@@ -119,6 +119,7 @@ def main():
         accuracy = nearest_class_accuracy(backbone.module, whole.weight, prototypes, torch.Generator().manual_seed(99))
         print(f"saved {len(shards)} shards to {out}; reloaded on {world_size} ranks (identical) and on 1 rank "
               f"({whole.weight.shape[0]} classes): nearest-class accuracy {accuracy:.1%}")
+    dist.barrier()  # no rank tears the group down while rank 0 still works in the one-rank group
     dist.destroy_process_group()
 
 
