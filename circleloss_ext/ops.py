@@ -5,7 +5,7 @@ torch.compile trace models that use the loss without a graph break: the ops stay
 """
 import importlib.util
 import warnings
-from typing import Optional
+from typing import Optional, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -69,8 +69,35 @@ def resolve_backend(backend: str, x: Tensor) -> str:
     return backend
 
 
-def _kernels(backend: str):
-    """The module with inverse_norms, circle_forward and circle_backward for a fused backend."""
+class FusedBackend(Protocol):
+    """What a fused backend provides: the contract `kernels/` (Triton) and `circleloss_ext._C` (C++)
+    both satisfy. A new backend is a module with these three functions, named in `_kernels` and in
+    validation.FUSED_BACKENDS, and run through tests/test_parity.py's `fused` fixture.
+
+    The callers (fused_forward, fused_backward below) have checked every size, made rows that take
+    no part inert, and pass float32 statistics; operands may have any strides, labels are int64
+    (B,) / (N,) in any layout; key_labels None means class-level keys (b_j = j).
+    """
+
+    def inverse_norms(self, x: Tensor) -> Tensor:
+        """float32 (R,): 1 / max(‖x_r‖, 1e-12) for x (R, D), in a fixed reduction order."""
+
+    def circle_forward(self, queries: Tensor, keys: Tensor, query_labels: Tensor, key_labels: Optional[Tensor],
+                       inv_norm_q: Tensor, inv_norm_k: Tensor, margin: float, gamma: float,
+                       exclude_self: bool) -> tuple[Tensor, Tensor]:
+        """(LP, LN) float32 (B,): log-sum-exps of each row's positive and negative logits, -inf where
+        the row has none; exclude_self: keys are the queries and (i, i) is no pair."""
+
+    def circle_backward(self, grad_rows: Tensor, queries: Tensor, keys: Tensor, query_labels: Tensor,
+                        key_labels: Optional[Tensor], inv_norm_q: Tensor, inv_norm_k: Tensor, lse_pos: Tensor,
+                        lse_neg: Tensor, margin: float, gamma: float, exclude_self: bool, detach_alpha: bool,
+                        need_queries: bool, need_keys: bool) -> tuple[Tensor, Tensor]:
+        """(∂L/∂queries, ∂L/∂keys) in the operands' dtypes for L_i = softplus(LP_i + LN_i) and upstream
+        gradients grad_rows (float32 (B,)); anything (None or empty) where not needed."""
+
+
+def _kernels(backend: str) -> FusedBackend:
+    """The module implementing FusedBackend for a fused backend."""
     if backend == "triton":
         from . import kernels
         return kernels

@@ -149,3 +149,18 @@ def test_every_cited_document_exists():
 def test_docstrings_name_every_backend(fn):
     for backend in ("auto", "triton", "cpu", "reference"):
         assert f'"{backend}"' in fn.__doc__, backend
+
+
+@pytest.mark.parametrize("backend", ["triton", "cpu"])
+def test_fused_backends_provide_the_backend_interface(backend):
+    """kernels/ and circleloss_ext._C both provide what ops.FusedBackend names (the contract for a new
+    backend); the Triton launchers also take its arguments by the same names."""
+    from circleloss_ext import ops
+    impl = ops._kernels(backend)
+    for name, member in inspect.getmembers(ops.FusedBackend, inspect.isfunction):
+        if name.startswith("_"):
+            continue
+        assert callable(getattr(impl, name, None)), f"{backend} lacks {name}"
+        if backend == "triton":
+            expected = [p for p in inspect.signature(member).parameters if p != "self"]
+            assert list(inspect.signature(getattr(impl, name)).parameters) == expected, name
