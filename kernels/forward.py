@@ -10,8 +10,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .presets import dot_precision, target_programs, tile_config
-from .tile import circle_epilogue, contiguous_labels, dot_tile, load_tile_labels
+from .presets import target_programs, tile_config
+from .tile import circle_epilogue, dot_tile, load_tile_labels, problem_arguments
 
 
 @triton.jit
@@ -66,25 +66,15 @@ def key_splits(num_keys: int, row_blocks: int, block_n: int, x: torch.Tensor) ->
 
 def circle_forward(queries, keys, query_labels, key_labels, inv_norm_q, inv_norm_k, margin, gamma,
                    exclude_self):
-    """(LP, LN): float32 (B,) log-sum-exps over each row's positives and negatives (-inf if none).
-
-    Operands are read through their strides; labels (B or N int64, small) are made contiguous, which
-    is what the kernels index (a column slice or an expanded tensor would be read wrongly otherwise).
-    """
-    query_labels, key_labels = contiguous_labels(query_labels, key_labels)
-    B, D = queries.shape
-    N = keys.shape[0]
+    """(LP, LN): float32 (B,) log-sum-exps over each row's positives and negatives (-inf if none)."""
+    problem = problem_arguments(queries, keys, query_labels, key_labels, inv_norm_q, inv_norm_k, margin, gamma,
+                                exclude_self)
     cfg = tile_config("forward", queries)
-    row_blocks = triton.cdiv(B, cfg.blocks["BLOCK_B"])
-    splits, keys_per_split = key_splits(N, row_blocks, cfg.blocks["BLOCK_N"], queries)
-    partial_pos = torch.empty(splits, B, device=queries.device, dtype=torch.float32)
+    row_blocks = triton.cdiv(problem["B"], cfg.blocks["BLOCK_B"])
+    splits, keys_per_split = key_splits(problem["N"], row_blocks, cfg.blocks["BLOCK_N"], queries)
+    partial_pos = torch.empty(splits, problem["B"], device=queries.device, dtype=torch.float32)
     partial_neg = torch.empty_like(partial_pos)
     circle_forward_kernel[(row_blocks, splits)](
-        queries, keys, query_labels, key_labels if key_labels is not None else query_labels,
-        inv_norm_q, inv_norm_k, partial_pos, partial_neg,
-        B, N, D, queries.stride(0), queries.stride(1), keys.stride(0), keys.stride(1), keys_per_split,
-        margin, gamma,
-        CLASS_LEVEL=key_labels is None, EXCLUDE_SELF=exclude_self,
-        DOT_PRECISION=dot_precision(queries.dtype), **cfg.kwargs(),
-    )
+        **problem, lse_pos_ptr=partial_pos, lse_neg_ptr=partial_neg, keys_per_split=keys_per_split,
+        **cfg.kwargs())
     return torch.logsumexp(partial_pos, dim=0), torch.logsumexp(partial_neg, dim=0)

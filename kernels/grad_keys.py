@@ -8,7 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .presets import dot_precision, tile_config
+from .presets import tile_config
 from .tile import circle_epilogue, dot_tile, grad_similarity, load_tile_labels, matmul
 
 
@@ -52,19 +52,13 @@ def circle_grad_keys_kernel(
             tl.store(out, acc, mask=out_mask)
 
 
-def grad_keys_raw(queries, keys, query_labels, key_labels, inv_norm_q, inv_norm_k, lse_pos, lse_neg,
-                  row_scale, margin, gamma, exclude_self, detach_alpha):
-    """float32 (1, N, D): Cc = Gᵀ · Q̂ (with a leading split axis of one, as the projection expects)."""
-    B, D = queries.shape
-    N = keys.shape[0]
+def grad_keys_raw(problem: dict, lse_pos, lse_neg, row_scale, detach_alpha):
+    """float32 (1, N, D): Cc = Gᵀ · Q̂ (with a leading split axis of one, as the projection expects).
+    problem: tile.problem_arguments of the call."""
+    queries, N, D = problem["q_ptr"], problem["N"], problem["D"]
     cfg = tile_config("grad_keys", queries)
     raw = torch.empty(1, N, D, device=queries.device, dtype=torch.float32)
     circle_grad_keys_kernel[(triton.cdiv(N, cfg.blocks["BLOCK_N"]),)](
-        queries, keys, query_labels, key_labels if key_labels is not None else query_labels,
-        inv_norm_q, inv_norm_k, lse_pos, lse_neg, row_scale, raw,
-        B, N, D, queries.stride(0), queries.stride(1), keys.stride(0), keys.stride(1),
-        margin, gamma,
-        CLASS_LEVEL=key_labels is None, EXCLUDE_SELF=exclude_self, DETACH_ALPHA=detach_alpha,
-        DOT_PRECISION=dot_precision(queries.dtype), **cfg.kwargs(),
-    )
+        **problem, lse_pos_ptr=lse_pos, lse_neg_ptr=lse_neg, row_scale_ptr=row_scale, raw_grad_ptr=raw,
+        DETACH_ALPHA=detach_alpha, **cfg.kwargs())
     return raw

@@ -10,7 +10,7 @@ import triton
 import triton.language as tl
 
 from .forward import key_splits
-from .presets import dot_precision, tile_config
+from .presets import tile_config
 from .tile import circle_epilogue, dot_tile, grad_similarity, load_tile_labels, matmul
 
 
@@ -57,21 +57,15 @@ def circle_grad_queries_kernel(
             tl.store(out, acc, mask=out_mask)
 
 
-def grad_queries_raw(queries, keys, query_labels, key_labels, inv_norm_q, inv_norm_k, lse_pos, lse_neg,
-                     row_scale, margin, gamma, exclude_self, detach_alpha):
-    """float32 (splits, B, D) partial sums of R = G · K̂; their sum over splits is R."""
-    B, D = queries.shape
-    N = keys.shape[0]
+def grad_queries_raw(problem: dict, lse_pos, lse_neg, row_scale, detach_alpha):
+    """float32 (splits, B, D) partial sums of R = G · K̂; their sum over splits is R.
+    problem: tile.problem_arguments of the call."""
+    queries, B, D = problem["q_ptr"], problem["B"], problem["D"]
     cfg = tile_config("grad_queries", queries)
     row_blocks = triton.cdiv(B, cfg.blocks["BLOCK_B"])
-    splits, keys_per_split = key_splits(N, row_blocks, cfg.blocks["BLOCK_N"], queries)
+    splits, keys_per_split = key_splits(problem["N"], row_blocks, cfg.blocks["BLOCK_N"], queries)
     raw = torch.empty(splits, B, D, device=queries.device, dtype=torch.float32)
     circle_grad_queries_kernel[(row_blocks, splits)](
-        queries, keys, query_labels, key_labels if key_labels is not None else query_labels,
-        inv_norm_q, inv_norm_k, lse_pos, lse_neg, row_scale, raw,
-        B, N, D, queries.stride(0), queries.stride(1), keys.stride(0), keys.stride(1), keys_per_split,
-        margin, gamma,
-        CLASS_LEVEL=key_labels is None, EXCLUDE_SELF=exclude_self, DETACH_ALPHA=detach_alpha,
-        DOT_PRECISION=dot_precision(queries.dtype), **cfg.kwargs(),
-    )
+        **problem, lse_pos_ptr=lse_pos, lse_neg_ptr=lse_neg, row_scale_ptr=row_scale, raw_grad_ptr=raw,
+        keys_per_split=keys_per_split, DETACH_ALPHA=detach_alpha, **cfg.kwargs())
     return raw

@@ -7,6 +7,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .presets import dot_precision
+
 
 @triton.jit
 def matmul(a, b, acc, DOT_PRECISION: tl.constexpr):
@@ -96,6 +98,19 @@ def load_tile_labels(q_label_ptr, k_label_ptr, rows, keys, B, N, CLASS_LEVEL: tl
     return q_label, k_label
 
 
-def contiguous_labels(query_labels: torch.Tensor, key_labels):
-    """The label vectors as load_tile_labels reads them: unit stride (a copy only when they are not)."""
-    return query_labels.contiguous(), None if key_labels is None else key_labels.contiguous()
+def problem_arguments(queries: torch.Tensor, keys: torch.Tensor, query_labels: torch.Tensor, key_labels,
+                      inv_norm_q: torch.Tensor, inv_norm_k: torch.Tensor, margin: float, gamma: float,
+                      exclude_self: bool) -> dict:
+    """The keyword arguments every circle_* kernel takes about the problem: operands (read through
+    their strides), labels, inverse norms, m, γ and the label form (key_labels None: class-level
+    keys, b_j = j). Labels (B or N int64) are passed contiguous, as load_tile_labels indexes them:
+    a column slice or an expanded label tensor is copied."""
+    B, D = queries.shape
+    return dict(
+        q_ptr=queries, k_ptr=keys, q_label_ptr=query_labels.contiguous(),
+        k_label_ptr=(key_labels if key_labels is not None else query_labels).contiguous(),
+        inv_norm_q_ptr=inv_norm_q, inv_norm_k_ptr=inv_norm_k,
+        B=B, N=keys.shape[0], D=D, stride_qb=queries.stride(0), stride_qd=queries.stride(1),
+        stride_kn=keys.stride(0), stride_kd=keys.stride(1), margin=margin, gamma=gamma,
+        CLASS_LEVEL=key_labels is None, EXCLUDE_SELF=exclude_self, DOT_PRECISION=dot_precision(queries.dtype),
+    )
