@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from . import ops, reference
 from .api import Backend
 from .ops import resolve_backend
-from .validation import LABEL_DTYPES, as_index_labels, check_hyperparameters, check_matrix
+from .validation import LABEL_DTYPES, as_index_labels, check_hyperparameters, check_matrix, check_positive_int
 
 _NEG_INF = float("-inf")
 
@@ -53,12 +53,12 @@ def _all_gather_json(payload, group, world_size: int) -> list:
     if len(data) > _SETTINGS_BYTES - 4:
         raise ValueError(f"ShardedCircleLoss settings take {len(data)} bytes as JSON, more than {_SETTINGS_BYTES - 4}")
     device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else "cpu"
+    framed = len(data).to_bytes(4, "little") + data
     buffer = torch.zeros(_SETTINGS_BYTES, dtype=torch.uint8)
-    buffer[:4] = torch.tensor(list(len(data).to_bytes(4, "little")), dtype=torch.uint8)
-    buffer[4:4 + len(data)] = torch.tensor(list(data), dtype=torch.uint8)
+    buffer[:len(framed)] = torch.tensor(list(framed), dtype=torch.uint8)
     every = _all_gather(buffer.to(device)[None], group, world_size).cpu()
-    return [json.loads(bytes(row[4:4 + int.from_bytes(bytes(row[:4].tolist()), "little")].tolist()))
-            for row in every]
+    rows = [bytes(row.tolist()) for row in every]
+    return [json.loads(row[4:4 + int.from_bytes(row[:4], "little")]) for row in rows]
 
 
 def _comparable(value):
@@ -208,8 +208,7 @@ class ShardedCircleLoss(nn.Module):
 
     def _check_settings(self, num_classes, embedding_dim, m, gamma, sample_rate, detach_alpha, backend, **_):
         check_hyperparameters(m, gamma, "mean", backend, detach_alpha)
-        if isinstance(embedding_dim, bool) or not isinstance(embedding_dim, int) or embedding_dim < 1:
-            raise ValueError(f"embedding_dim must be a positive int, got {embedding_dim!r}")
+        check_positive_int("embedding_dim", embedding_dim)
         if isinstance(sample_rate, bool) or not (isinstance(sample_rate, (int, float)) and 0 < sample_rate <= 1):
             raise ValueError(f"sample_rate must lie in (0, 1], got {sample_rate!r}")
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < self.world_size:

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from .api import Backend, Reduction, circle_loss, pairwise_circle_loss
-from .validation import check_hyperparameters, check_ignore_index
+from .validation import check_hyperparameters, check_ignore_index, check_positive_int
 
 
 class CircleLoss(nn.Module):
@@ -33,9 +33,8 @@ class CircleLoss(nn.Module):
                             "num_classes and embedding_dim, e.g. CircleLoss(num_classes, embedding_dim, m=0.25, "
                             "gamma=256.0). For pair-wise labels (pytorch-metric-learning's CircleLoss(m=0.4, "
                             "gamma=80)) use circleloss_ext.PairwiseCircleLoss(m=0.4, gamma=80.0)")
-        for name, value in (("num_classes", num_classes), ("embedding_dim", embedding_dim)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        check_positive_int("num_classes", num_classes)
+        check_positive_int("embedding_dim", embedding_dim)
         check_hyperparameters(m, gamma, reduction, backend, detach_alpha)
         check_ignore_index(ignore_index)
         self.num_classes, self.embedding_dim = num_classes, embedding_dim

@@ -81,16 +81,25 @@ def check_ignore_index(ignore_index) -> None:
 
 
 def check_label_values(labels: torch.Tensor, num_classes: int, ignore_index: int) -> None:
-    """Class labels must lie in [0, C) or equal ignore_index. Reads the labels (one host sync);
-    under torch.compile the check becomes a device-side assert."""
+    """Class labels must lie in [0, C) or equal ignore_index."""
     bad = ((labels < 0) | (labels >= num_classes)) & (labels != ignore_index)
+    _refuse_labels(bad, labels, f"labels must lie in [0, num_classes={num_classes}) or equal "
+                                f"ignore_index={ignore_index}")
+
+
+def _refuse_labels(bad: torch.Tensor, labels: torch.Tensor, message: str) -> None:
+    """ValueError(message, and the first bad label) where any label is bad. Reads the mask (one host
+    sync); under torch.compile the check becomes a device-side assert."""
     if torch.compiler.is_compiling():
-        torch._assert_async(~bad.any(), f"labels must lie in [0, {num_classes}) or equal ignore_index")
+        torch._assert_async(~bad.any(), message)
         return
     if bool(bad.any()):
-        first = labels[bad][0].item()
-        raise ValueError(f"labels must lie in [0, num_classes={num_classes}) or equal "
-                         f"ignore_index={ignore_index}; found {first}")
+        raise ValueError(f"{message}; found {labels[bad][0].item()}")
+
+
+def check_positive_int(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
 
 
 def check_function_arguments(queries, keys, query_labels, key_labels, margin, gamma, detach_alpha,
@@ -123,10 +132,5 @@ def check_function_arguments(queries, keys, query_labels, key_labels, margin, ga
 
 def check_class_indices(name: str, labels: torch.Tensor, num_keys: int) -> None:
     """Class-level keys: a label indexes a row of keys, or is negative (no class: no positive, no loss)."""
-    bad = labels >= num_keys
-    if torch.compiler.is_compiling():
-        torch._assert_async(~bad.any(), f"{name} must be < N = {num_keys} or negative")
-        return
-    if bool(bad.any()):
-        raise ValueError(f"{name} must be < N = {num_keys} (a row of keys) or negative (no class); "
-                         f"found {labels[bad][0].item()}")
+    _refuse_labels(labels >= num_keys, labels, f"{name} must be < N = {num_keys} (a row of keys) or negative "
+                                               "(no class)")
