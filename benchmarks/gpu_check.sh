@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# The one-shot GPU check (issue 8): on a lent H100 or H200, in at most 7 minutes,
+# The one-shot GPU check (issue 8): on a lent H100 or H200, in at most 9 minutes,
 #   1. the GPU test tier (tests/test_gpu.py: compiled kernels across the GPU presets' tile, split and
 #      chunk boundaries, every dtype and label form, C·D > 2^31, same bits twice), then
 #   2. the benchmark's cases A, B, C (python -m benchmarks.run --gpu-check: naive, torch.compile, fused,
 #      floor; forward, backward, both; peak memory; out-of-memory recorded, not fatal),
-# writing into OUT_DIR: device.txt, tests.txt, benchmark.txt and the benchmark's JSON and PNG
+#   3. the fused step's time per kernel on the same cases (python -m benchmarks.kernel_times),
+# writing into OUT_DIR: device.txt, tests.txt, benchmark.txt, kernels.txt and the benchmark's JSON and PNG
 # (the PNG only where matplotlib is installed; `python -m benchmarks.plot OUT_DIR/*.json` draws it later).
 #
 #     bash benchmarks/gpu_check.sh OUT_DIR
@@ -31,10 +32,14 @@ export PYTHONPATH="$repo"
 
 status=0
 echo "== GPU test tier" | tee "$out/tests.txt"
-timeout 200 python3 -m pytest -q -p no:cacheprovider "$repo/tests/test_gpu.py" 2>&1 | tee -a "$out/tests.txt"
+timeout 200 python3 -m pytest -q -rP -p no:cacheprovider "$repo/tests/test_gpu.py" 2>&1 | tee -a "$out/tests.txt"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
 echo "== benchmark: cases A, B, C" | tee "$out/benchmark.txt"
 timeout 220 python3 -m benchmarks.run --gpu-check --out "$out" 2>&1 | tee -a "$out/benchmark.txt"
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+
+echo "== time per kernel" | tee "$out/kernels.txt"
+timeout 90 python3 -m benchmarks.kernel_times 2>&1 | tee -a "$out/kernels.txt"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 exit $status

@@ -113,3 +113,18 @@ def pairwise_circle_loss(embeddings: Tensor, labels: Tensor, *, ref_embeddings: 
     row_loss, has_loss = _rows(run, embeddings, ref_embeddings, labels, ref_labels, m, gamma, exclude_self,
                                detach_alpha)
     return _reduce(row_loss, has_loss, reduction, out_dtype)
+
+
+def set_workspace_limit(nbytes: int) -> None:
+    """Cap, in bytes, the workspace of the Triton backward (default 1 GiB): the only memory it holds
+    that grows with B × N (∂L/∂S for one chunk of keys, in the operands' dtype). Backward runs over
+    ⌈N / chunk⌉ chunks of the largest size that fits; a smaller cap costs speed, never accuracy.
+    Process-wide; read at each backward."""
+    from .kernels.backward import set_workspace_limit as set_limit
+    set_limit(nbytes)
+
+
+def workspace_limit() -> int:
+    """The current cap of set_workspace_limit, in bytes."""
+    from .kernels.backward import workspace_limit as limit
+    return limit()

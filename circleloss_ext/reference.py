@@ -37,10 +37,19 @@ def rows_with_positive_and_negative(query_labels, key_labels, exclude_self):
 def circle_lse(queries, keys, query_labels, key_labels, *, margin, gamma, exclude_self, detach_alpha):
     """(LP, LN): the log-sum-exps of each row's positive and negative logits (-inf where there is
     none), by the paper's equations on a materialised S."""
+    return circle_lse_of_similarities(cosine_similarities(queries, keys), query_labels, key_labels, margin=margin,
+                                      gamma=gamma, exclude_self=exclude_self, detach_alpha=detach_alpha)
+
+
+def cosine_similarities(queries, keys):
+    """S = Q̂ · K̂ᵀ (B × N), in float32 (float64 for float64 inputs)."""
     dtype = torch.promote_types(queries.dtype, torch.float32)
     with torch.autocast(queries.device.type, enabled=False):
-        s = F.normalize(queries.to(dtype), dim=1, eps=EPS) @ F.normalize(keys.to(dtype), dim=1, eps=EPS).T
+        return F.normalize(queries.to(dtype), dim=1, eps=EPS) @ F.normalize(keys.to(dtype), dim=1, eps=EPS).T
 
+
+def circle_lse_of_similarities(s, query_labels, key_labels, *, margin, gamma, exclude_self, detach_alpha):
+    """(LP, LN) from the similarity matrix s (B × N): Eq. 4-6 of the paper."""
     is_pair = torch.ones_like(s, dtype=torch.bool)
     if exclude_self:
         is_pair.fill_diagonal_(False)

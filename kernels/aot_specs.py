@@ -8,7 +8,9 @@ The argument types describe a typical large problem the way triton's JIT special
   * every other integer fits int32 ("i32"): even a 16M x 512 class matrix does, and the kernels
     compute row offsets in int64; B, N and R get no divisibility hint;
   * float scalars are fp32.
-Operands are bf16, fp16 or fp32; labels int64; norms, log-sum-exps and scratch buffers float32.
+    (key_start and h_stride, the workspace's row stride, are multiples of the chunk alignment);
+Operands and the workspace H are bf16, fp16 or fp32; labels int64; norms, log-sum-exps, radial sums and
+partial sums float32.
 """
 from dataclasses import dataclass
 
@@ -17,14 +19,14 @@ import torch
 from .forward import circle_forward_kernel
 from .grad_keys import circle_grad_keys_kernel
 from .grad_queries import circle_grad_queries_kernel
+from .grad_similarity import circle_grad_similarity_kernel
 from .presets import LaunchConfig, dot_precision
-from .project import project_kernel
 from .row_norm import inv_norm_kernel
 
 OPERAND_TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 _FLOAT_SCALARS = {"margin", "gamma", "eps"}
-_UNIT_STRIDES = {"stride_qd", "stride_kd", "stride_d", "stride_xd"}
-_MULTIPLES_OF_16 = {"D", "stride_qb", "stride_kn", "stride_r", "stride_xr", "keys_per_split"}
+_UNIT_STRIDES = {"stride_qd", "stride_kd", "stride_d"}
+_MULTIPLES_OF_16 = {"D", "stride_qb", "stride_kn", "stride_r", "keys_per_split", "key_start", "h_stride"}
 # Label forms: class-level keys (rows of W), pair-wise against a reference set, pair-wise within the batch.
 _LABEL_FORMS = {
     "class-level": {"CLASS_LEVEL": True, "EXCLUDE_SELF": False},
@@ -70,7 +72,8 @@ def _launch(kernel, fn, dtype, variant, pointers, ones=(), **constexprs) -> Laun
 
 
 def launches(dtypes=tuple(OPERAND_TYPES)) -> list[Launch]:
-    """Every launch the package makes with operands of the given dtypes."""
+    """Every launch the package makes with operands of the given dtypes (fp32 at torch's default
+    matmul precision, "highest")."""
     result = []
     for dtype in dtypes:
         x = OPERAND_TYPES[dtype]
@@ -82,12 +85,11 @@ def launches(dtypes=tuple(OPERAND_TYPES)) -> list[Launch]:
                                   DOT_PRECISION=precision, **flags))
             for detach in (True, False):
                 variant = f"{form} {'detach' if detach else 'full'}-alpha"
-                result.append(_launch("grad_queries", circle_grad_queries_kernel, dtype, variant, circle,
-                                      DETACH_ALPHA=detach, DOT_PRECISION=precision, **flags))
-                result.append(_launch("grad_keys", circle_grad_keys_kernel, dtype, variant, circle,
-                                      DETACH_ALPHA=detach, DOT_PRECISION=precision, **flags))
-        # S = 1 for the key gradient (and a single key split), S > 1 for split query gradients.
-        projected = {"x_ptr": x, "out_ptr": x}
-        result.append(_launch("project", project_kernel, dtype, "S=1", projected, ones={"S"}))
-        result.append(_launch("project", project_kernel, dtype, "S>1", projected))
+                result.append(_launch("grad_similarity", circle_grad_similarity_kernel, dtype, variant,
+                                      {**circle, "h_ptr": x}, DETACH_ALPHA=detach, NEED_RADIAL=True,
+                                      DOT_PRECISION=precision, **flags))
+        result.append(_launch("grad_queries", circle_grad_queries_kernel, dtype, "", {"h_ptr": x, "k_ptr": x},
+                              DOT_PRECISION=precision))
+        result.append(_launch("grad_keys", circle_grad_keys_kernel, dtype, "",
+                              {"h_ptr": x, "q_ptr": x, "k_ptr": x, "out_ptr": x}, DOT_PRECISION=precision))
     return result

@@ -1,10 +1,63 @@
-"""Backward launcher: σ_i per row, then R = G·K̂ and Cc = Gᵀ·Q̂, then the normalisation backward."""
-import torch
+"""Backward launcher: H = ∂L/∂S (norms folded in) one chunk of keys at a time, then two plain products.
 
-from .grad_keys import grad_keys_raw
-from .grad_queries import grad_queries_raw
-from .project import project_grad
-from .tile import problem_arguments
+For each chunk of keys [k0, k0 + chunk):
+  1. grad_similarity: recompute S, write H (B × chunk, the operands' dtype) and the radial partials;
+  2. grad_queries: R += H · K_chunk (float32 partial sums, added in a fixed order);
+  3. grad_keys: ∂L/∂K_chunk = (Hᵀ · Q - ‖k_j‖⁻² ρ_j k_j) / c, written in K's dtype (ρ_j = Σ_i H_ij q_i·k_j).
+Then ∂L/∂q_i = R_i / c - ‖q_i‖⁻² (q_i · R_i / c) q_i (B × D, in float32, cast once).
+
+The workspace (H and the radial partials) is the only memory that grows with B × N; the chunk is the
+largest that fits the workspace limit (set_workspace_limit), so memory stays bounded at any N.
+"""
+import math
+
+import torch
+import triton
+
+from .forward import key_splits
+from .grad_keys import circle_grad_keys_kernel
+from .grad_queries import circle_grad_queries_kernel
+from .grad_similarity import circle_grad_similarity_kernel
+from .presets import dot_precision, tile_config
+from .tile import even_d, problem_arguments
+
+DEFAULT_WORKSPACE_BYTES = 1 << 30
+_workspace_bytes = DEFAULT_WORKSPACE_BYTES
+
+
+def set_workspace_limit(nbytes: int) -> None:
+    """Bytes the Triton backward may hold for its B × chunk workspace (default 1 GiB). A smaller limit
+    means more, narrower chunks (the products get less efficient below a few thousand keys a chunk);
+    at least one tile column of keys is always used, whatever the limit."""
+    global _workspace_bytes
+    if isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes <= 0:
+        raise ValueError(f"workspace limit must be a positive number of bytes, got {nbytes!r}")
+    _workspace_bytes = nbytes
+
+
+def workspace_limit() -> int:
+    return _workspace_bytes
+
+
+def chunk_keys(B: int, N: int, h_dtype: torch.dtype, row_blocks: int, align: int, need_radial: bool) -> int:
+    """Keys per chunk: a multiple of `align` whose workspace (B × chunk of H, row_blocks × chunk float32
+    radial partials) fits the limit; never more than N needs."""
+    per_key = B * torch.empty((), dtype=h_dtype).element_size() + (row_blocks * 4 if need_radial else 0)
+    chunk = max(align, _workspace_bytes // per_key // align * align)
+    return min(chunk, triton.cdiv(N, align) * align)
+
+
+# fp16 has 5 exponent bits: H is scaled by a power of two c so that its largest possible entry is
+# below 2^14. |G_ij| ≤ σ_i · |slope| and |slope| ≤ γ(4 + |m|) for cosines in [-1, 1] (5 + |m| leaves room
+# for rounding): entries below the bound by more than 2^38 flush to zero, a relative 4e-12 of the
+# largest. bf16 and fp32 share fp32's exponent range and use c = 1.
+def _grad_scale(h_dtype, row_scale, inv_norm_q, inv_norm_k, margin, gamma) -> torch.Tensor:
+    one = torch.ones(1, device=row_scale.device, dtype=torch.float32)
+    if h_dtype != torch.float16:
+        return one
+    bound = (row_scale.abs() * inv_norm_q).amax() * inv_norm_k.amax() * (gamma * (5.0 + abs(margin)))
+    exponent = torch.floor(14.0 - torch.log2(bound)).clamp(-100.0, 100.0)
+    return one * torch.exp2(exponent)
 
 
 def circle_backward(grad_rows, queries, keys, query_labels, key_labels, inv_norm_q, inv_norm_k,
@@ -15,8 +68,54 @@ def circle_backward(grad_rows, queries, keys, query_labels, key_labels, inv_norm
     """
     problem = problem_arguments(queries, keys, query_labels, key_labels, inv_norm_q, inv_norm_k, margin, gamma,
                                 exclude_self)
+    B, N, D = problem["B"], problem["N"], problem["D"]
     row_scale = torch.sigmoid(lse_pos + lse_neg) * grad_rows  # σ_i; 0 for rows without a loss
-    stats = (problem, lse_pos, lse_neg, row_scale, detach_alpha)
-    grad_queries = project_grad(grad_queries_raw(*stats), queries, inv_norm_q) if need_queries else None
-    grad_keys = project_grad(grad_keys_raw(*stats), keys, inv_norm_k) if need_keys else None
-    return grad_queries, grad_keys
+    h_dtype = keys.dtype
+    grad_scale = _grad_scale(h_dtype, row_scale, inv_norm_q, inv_norm_k, margin, gamma)
+    similarity_cfg = tile_config("grad_similarity", queries)
+    queries_cfg = tile_config("grad_queries", queries)
+    keys_cfg = tile_config("grad_keys", queries)
+    row_blocks = triton.cdiv(B, similarity_cfg.blocks["BLOCK_B"])
+    align = math.lcm(similarity_cfg.blocks["BLOCK_N"], queries_cfg.blocks["BLOCK_N"], keys_cfg.blocks["BLOCK_N"])
+    chunk = chunk_keys(B, N, h_dtype, row_blocks, align, need_keys)
+    device = queries.device
+    h = torch.empty(B, chunk, device=device, dtype=h_dtype)
+    radial = torch.empty(row_blocks, chunk, device=device, dtype=torch.float32) if need_keys else h
+    raw_q = torch.zeros(B, D, device=device, dtype=torch.float32) if need_queries else None
+    grad_k = torch.empty(N, D, device=device, dtype=keys.dtype) if need_keys else None
+    precision = dot_precision(h_dtype)
+    q_tiles = triton.cdiv(B, queries_cfg.blocks["BLOCK_B"]) * triton.cdiv(D, queries_cfg.blocks["BLOCK_D"])
+    for key_start in range(0, N, chunk):
+        chunk_len = min(chunk, N - key_start)
+        span = dict(key_start=key_start, chunk_len=chunk_len, h_stride=chunk)
+        splits, keys_per_split = key_splits(chunk_len, row_blocks, similarity_cfg.blocks["BLOCK_N"], queries)
+        circle_grad_similarity_kernel[(row_blocks, splits)](
+            **problem, lse_pos_ptr=lse_pos, lse_neg_ptr=lse_neg, row_scale_ptr=row_scale, grad_scale_ptr=grad_scale,
+            h_ptr=h, radial_ptr=radial, **span, keys_per_split=keys_per_split, DETACH_ALPHA=detach_alpha,
+            NEED_RADIAL=need_keys, EVEN_D=even_d(D, similarity_cfg), **similarity_cfg.kwargs())
+        if need_queries:
+            splits, keys_per_split = key_splits(chunk_len, q_tiles, queries_cfg.blocks["BLOCK_N"], queries)
+            partial = torch.empty(splits, B, D, device=device, dtype=torch.float32)
+            grid = (triton.cdiv(B, queries_cfg.blocks["BLOCK_B"]), triton.cdiv(D, queries_cfg.blocks["BLOCK_D"]),
+                    splits)
+            circle_grad_queries_kernel[grid](
+                h_ptr=h, k_ptr=keys, partial_ptr=partial, B=B, D=D, stride_kn=keys.stride(0),
+                stride_kd=keys.stride(1), **span, keys_per_split=keys_per_split, DOT_PRECISION=precision,
+                **queries_cfg.kwargs())
+            raw_q += partial.sum(dim=0)
+        if need_keys:
+            chunk_norms = inv_norm_k[key_start:key_start + chunk_len]
+            radial_coef = radial[:, :chunk_len].sum(dim=0) * chunk_norms * chunk_norms  # ‖k_j‖⁻² ρ_j
+            grid = (triton.cdiv(chunk_len, keys_cfg.blocks["BLOCK_N"]), triton.cdiv(D, keys_cfg.blocks["BLOCK_D"]))
+            circle_grad_keys_kernel[grid](
+                h_ptr=h, q_ptr=queries, k_ptr=keys, radial_coef_ptr=radial_coef, grad_scale_ptr=grad_scale,
+                out_ptr=grad_k, B=B, D=D, stride_qb=queries.stride(0), stride_qd=queries.stride(1),
+                stride_kn=keys.stride(0), stride_kd=keys.stride(1), **span, DOT_PRECISION=precision,
+                **keys_cfg.kwargs())
+    grad_q = None
+    if need_queries:  # normalisation backward of the queries: B × D, in float32
+        raw_q /= grad_scale
+        q = queries.float()
+        radial_q = (raw_q * q).sum(dim=1) * inv_norm_q * inv_norm_q
+        grad_q = (raw_q - radial_q[:, None] * q).to(queries.dtype)
+    return grad_q, grad_k

@@ -2,25 +2,45 @@
 
 Grid: (row blocks, key splits). Program (r, p) walks the keys of split p in BLOCK_N tiles, computes
 each tile of q·k (normalisation folded in through the inverse norms), applies the epilogue and keeps
-an online log-sum-exp per row for positives and for negatives. It writes one partial LP and LN per
-row and split; the launcher combines the splits with a log-sum-exp (O(splits · B) floats).
-Splitting the keys fills the GPU when B is small and N is large.
+an online log-sum-exp per row, in base 2. It writes one partial LP and LN per row and split; the
+launcher combines the splits with a log-sum-exp (O(splits · B) floats). Splitting the keys fills the
+GPU when B is small and N is large.
+
+Class-level keys (the rows of W) have one positive per row, its class: the tiles hold negatives only
+(one exp2 per similarity), and the positive logit comes from one gathered dot product q_i · w_{a_i},
+O(B·D), in the programs of split 0. Pair-wise tiles hold both kinds and still take one exp2 per
+similarity, against the running maximum of the kind it belongs to.
 """
 import torch
 import triton
 import triton.language as tl
 
 from .presets import target_programs, tile_config
-from .tile import circle_epilogue, dot_tile, load_tile_labels, problem_arguments
+from .tile import circle_epilogue, dot_tile, even_d, positive_pairs, problem_arguments, row_labels, same_row_and_key
 
 
 @triton.jit
-def _online_lse(run_max, run_sum, logits):
-    """Fold one tile of logits (-inf = absent) into a running (max, sum of exp(x - max)) per row."""
-    new_max = tl.maximum(run_max, tl.max(logits, axis=1))
+def _rescale(run_max, run_sum, tile_max):
+    """(new running max, running sum rescaled to it, the shift to subtract: 0 while the max is -inf)."""
+    new_max = tl.maximum(run_max, tile_max)
     shift = tl.where(new_max == float("-inf"), 0.0, new_max)
-    run_sum = run_sum * tl.exp(run_max - shift) + tl.sum(tl.exp(logits - shift[:, None]), axis=1)
-    return new_max, run_sum
+    return new_max, run_sum * tl.exp2(run_max - shift), shift
+
+
+@triton.jit
+def _gathered_positive(q_ptr, k_ptr, inv_norm_k_ptr, rows, q_label, inv_norm_q, B, N, D, stride_qb, stride_qd,
+                       stride_kn, stride_kd, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr):
+    """s_{i,a_i} = q̂_i · k̂_{a_i} for class-level rows (0 where a_i is no key: such a row has no positive)."""
+    has_pos = (rows < B) & (q_label >= 0) & (q_label < N)
+    key = tl.where(has_pos, q_label, 0).to(tl.int64)
+    dot = tl.zeros((BLOCK_B,), tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        dims = (d0 + tl.arange(0, BLOCK_D)).to(tl.int64)
+        mask = has_pos[:, None] & (dims < D)[None, :]
+        q = tl.load(q_ptr + rows[:, None] * stride_qb + dims[None, :] * stride_qd, mask=mask, other=0.0)
+        k = tl.load(k_ptr + key[:, None] * stride_kn + dims[None, :] * stride_kd, mask=mask, other=0.0)
+        dot += tl.sum(q.to(tl.float32) * k.to(tl.float32), axis=1)
+    return dot * inv_norm_q * tl.load(inv_norm_k_ptr + key), has_pos
 
 
 @triton.jit
@@ -30,7 +50,8 @@ def circle_forward_kernel(
     B, N, D, stride_qb, stride_qd, stride_kn, stride_kd, keys_per_split,
     margin, gamma,
     CLASS_LEVEL: tl.constexpr, EXCLUDE_SELF: tl.constexpr,
-    BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     split = tl.program_id(1)
     rows = tl.program_id(0).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
@@ -41,19 +62,49 @@ def circle_forward_kernel(
     sum_neg = tl.zeros((BLOCK_B,), tl.float32)
     key_start = split.to(tl.int64) * keys_per_split
     key_stop = tl.minimum(key_start + keys_per_split, N)
+    q_label = row_labels(q_label_ptr, rows, B, CLASS_LEVEL)
     for n0 in range(key_start, key_stop, BLOCK_N):
         keys = n0 + tl.arange(0, BLOCK_N)
+        # S tile: raw products on the tensor cores, normalised in the float32 accumulator
         dots = dot_tile(q_ptr, k_ptr, rows, keys, B, N, D, stride_qb, stride_qd, stride_kn, stride_kd,
-                        BLOCK_B, BLOCK_N, BLOCK_D, DOT_PRECISION)
+                        BLOCK_B, BLOCK_N, BLOCK_D, EVEN_D, DOT_PRECISION)
         inv_norm_k = tl.load(inv_norm_k_ptr + keys, mask=keys < N, other=0.0)
-        q_label, k_label = load_tile_labels(q_label_ptr, k_label_ptr, rows, keys, B, N, CLASS_LEVEL)
-        logit, _, is_pos, _ = circle_epilogue(dots, inv_norm_q, inv_norm_k, q_label, k_label, rows, keys,
-                                              B, N, margin, gamma, EXCLUDE_SELF, True)
-        max_pos, sum_pos = _online_lse(max_pos, sum_pos, tl.where(is_pos, logit, float("-inf")))
-        max_neg, sum_neg = _online_lse(max_neg, sum_neg, tl.where(is_pos, float("-inf"), logit))
+        s = dots * inv_norm_q[:, None] * inv_norm_k[None, :]
+        # masks: keys past N and (in-batch) the pair (i, i) are no pair
+        absent = (keys >= N)[None, :]
+        if EXCLUDE_SELF:
+            absent = absent | same_row_and_key(rows, n0, BLOCK_N)
+        if CLASS_LEVEL:
+            # negatives only: the row's own class is the positive, gathered after the loop
+            logit2, _ = circle_epilogue(s, False, margin, gamma, True)
+            absent = absent | (keys.to(tl.int32)[None, :] == q_label[:, None])
+            logit2 = tl.where(absent, float("-inf"), logit2)
+            # online log-sum-exp: rescale the running sum to the new maximum, add this tile
+            max_neg, sum_neg, shift = _rescale(max_neg, sum_neg, tl.max(logit2, axis=1))
+            sum_neg += tl.sum(tl.exp2(logit2 - shift[:, None]), axis=1)
+        else:
+            is_pos = positive_pairs(q_label, k_label_ptr, keys, N, CLASS_LEVEL)
+            logit2, _ = circle_epilogue(s, is_pos, margin, gamma, True)
+            logit2 = tl.where(absent, float("-inf"), logit2)
+            # online log-sum-exp for each kind: new maxima, then one exp2 per similarity against its own
+            max_pos, sum_pos, shift_pos = _rescale(max_pos, sum_pos,
+                                                   tl.max(tl.where(is_pos, logit2, float("-inf")), axis=1))
+            max_neg, sum_neg, shift_neg = _rescale(max_neg, sum_neg,
+                                                   tl.max(tl.where(is_pos, float("-inf"), logit2), axis=1))
+            p = tl.exp2(logit2 - tl.where(is_pos, shift_pos[:, None], shift_neg[:, None]))
+            sum_pos += tl.sum(tl.where(is_pos, p, 0.0), axis=1)
+            sum_neg += tl.sum(tl.where(is_pos, 0.0, p), axis=1)
+    lse_pos = max_pos + tl.log2(sum_pos)
+    if CLASS_LEVEL:
+        if split == 0:
+            s_pos, has_pos = _gathered_positive(q_ptr, k_ptr, inv_norm_k_ptr, rows, q_label, inv_norm_q, B, N, D,
+                                                stride_qb, stride_qd, stride_kn, stride_kd, BLOCK_B, BLOCK_D)
+            logit2_pos, _ = circle_epilogue(s_pos, True, margin, gamma, True)
+            lse_pos = tl.where(has_pos, logit2_pos, float("-inf"))
     out = split.to(tl.int64) * B + rows
-    tl.store(lse_pos_ptr + out, max_pos + tl.log(sum_pos), mask=rows < B)
-    tl.store(lse_neg_ptr + out, max_neg + tl.log(sum_neg), mask=rows < B)
+    # back to natural units (LP, LN are log-sum-exps of u and v)
+    tl.store(lse_pos_ptr + out, lse_pos * 0.6931471805599453, mask=rows < B)
+    tl.store(lse_neg_ptr + out, (max_neg + tl.log2(sum_neg)) * 0.6931471805599453, mask=rows < B)
 
 
 def key_splits(num_keys: int, row_blocks: int, block_n: int, x: torch.Tensor) -> tuple[int, int]:
@@ -76,5 +127,5 @@ def circle_forward(queries, keys, query_labels, key_labels, inv_norm_q, inv_norm
     partial_neg = torch.empty_like(partial_pos)
     circle_forward_kernel[(row_blocks, splits)](
         **problem, lse_pos_ptr=partial_pos, lse_neg_ptr=partial_neg, keys_per_split=keys_per_split,
-        **cfg.kwargs())
+        EVEN_D=even_d(problem["D"], cfg), **cfg.kwargs())
     return torch.logsumexp(partial_pos, dim=0), torch.logsumexp(partial_neg, dim=0)

@@ -1,64 +1,44 @@
-"""Backward, key side: Cc = Gᵀ · Q̂ (N × D), accumulated in float32.
+"""Backward, step 2 (key side): ∂L/∂K for one chunk of keys, with the normalisation backward fused.
 
-Grid: (key blocks,). Each program owns BLOCK_N keys and walks every row block (B is the small side),
-recomputing the tile of S, forming G = ∂L/∂S and adding Gᵀ · Q̂ into its own rows of Cc: one writer
-per output row, so the result is deterministic without atomics.
+Grid: (key blocks of the chunk, D blocks). Program (j, d) forms Hᵀ · Q for its tile, reducing over all
+B rows, and finishes in its epilogue:
+
+    ∂L/∂k_j = ((Hᵀ · Q)_j - ‖k_j‖⁻² · ρ_j · k_j) / c       ρ_j = Σ_i H_ij (q_i · k_j) = c·‖k_j‖·σ_j
+                                                           (σ_j = Σ_i G_ij s_ij, the radial sum)
+
+written once, in the dtype of K: no float32 N × D buffer, no second pass.
 """
-import torch
 import triton
 import triton.language as tl
 
-from .presets import tile_config
-from .tile import circle_epilogue, dot_tile, grad_similarity, load_tile_labels, matmul
+from .tile import matmul
 
 
 @triton.jit
 def circle_grad_keys_kernel(
-    q_ptr, k_ptr, q_label_ptr, k_label_ptr, inv_norm_q_ptr, inv_norm_k_ptr,
-    lse_pos_ptr, lse_neg_ptr, row_scale_ptr, raw_grad_ptr,
-    B, N, D, stride_qb, stride_qd, stride_kn, stride_kd,
-    margin, gamma,
-    CLASS_LEVEL: tl.constexpr, EXCLUDE_SELF: tl.constexpr, DETACH_ALPHA: tl.constexpr,
+    h_ptr, q_ptr, k_ptr, radial_coef_ptr, grad_scale_ptr, out_ptr,
+    B, D, stride_qb, stride_qd, stride_kn, stride_kd, key_start, chunk_len, h_stride,
     BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    keys = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    key_ok = keys < N
-    inv_norm_k = tl.load(inv_norm_k_ptr + keys, mask=key_ok, other=0.0)
-    out_keys = raw_grad_ptr + keys[:, None] * D
+    local = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    dims = tl.program_id(1).to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D)
+    # keys past the chunk read columns of the workspace that exist (h_stride ≥ every local index of
+    # the grid) and dims ≥ D read dim d mod D: both are never stored, so only rows ≥ B are masked
+    steps = tl.arange(0, BLOCK_B)
+    h_ptrs = h_ptr + steps[:, None] * h_stride + local[None, :]
+    q_ptrs = q_ptr + steps[:, None] * stride_qb + (dims % D)[None, :] * stride_qd
+    acc = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
     for b0 in range(0, B, BLOCK_B):
-        rows = b0 + tl.arange(0, BLOCK_B).to(tl.int64)
-        row_ok = rows < B
-        inv_norm_q = tl.load(inv_norm_q_ptr + rows, mask=row_ok, other=0.0)
-        lse_pos = tl.load(lse_pos_ptr + rows, mask=row_ok, other=0.0)
-        lse_neg = tl.load(lse_neg_ptr + rows, mask=row_ok, other=0.0)
-        row_scale = tl.load(row_scale_ptr + rows, mask=row_ok, other=0.0)
-        dots = dot_tile(q_ptr, k_ptr, rows, keys, B, N, D, stride_qb, stride_qd, stride_kn, stride_kd,
-                        BLOCK_B, BLOCK_N, BLOCK_D, DOT_PRECISION)
-        q_label, k_label = load_tile_labels(q_label_ptr, k_label_ptr, rows, keys, B, N, CLASS_LEVEL)
-        logit, slope, is_pos, is_pair = circle_epilogue(dots, inv_norm_q, inv_norm_k, q_label, k_label, rows,
-                                                        keys, B, N, margin, gamma, EXCLUDE_SELF, DETACH_ALPHA)
-        grad_s = grad_similarity(logit, slope, is_pos, is_pair, lse_pos, lse_neg, row_scale)
-        grad_s_t = tl.trans(grad_s * inv_norm_q[:, None]).to(q_ptr.dtype.element_ty)
-        for d0 in range(0, D, BLOCK_D):
-            dims = d0 + tl.arange(0, BLOCK_D)
-            in_d = (dims < D)[None, :]
-            q = tl.load(q_ptr + rows[:, None] * stride_qb + dims[None, :].to(tl.int64) * stride_qd,
-                        mask=row_ok[:, None] & in_d, other=0.0)
-            acc = matmul(grad_s_t, q, None, DOT_PRECISION)
-            out = out_keys + dims[None, :]
-            out_mask = key_ok[:, None] & in_d
-            if b0 > 0:
-                acc += tl.load(out, mask=out_mask, other=0.0)
-            tl.store(out, acc, mask=out_mask)
-
-
-def grad_keys_raw(problem: dict, lse_pos, lse_neg, row_scale, detach_alpha):
-    """float32 (1, N, D): Cc = Gᵀ · Q̂ (with a leading split axis of one, as the projection expects).
-    problem: tile.problem_arguments of the call."""
-    queries, N, D = problem["q_ptr"], problem["N"], problem["D"]
-    cfg = tile_config("grad_keys", queries)
-    raw = torch.empty(1, N, D, device=queries.device, dtype=torch.float32)
-    circle_grad_keys_kernel[(triton.cdiv(N, cfg.blocks["BLOCK_N"]),)](
-        **problem, lse_pos_ptr=lse_pos, lse_neg_ptr=lse_neg, row_scale_ptr=row_scale, raw_grad_ptr=raw,
-        DETACH_ALPHA=detach_alpha, **cfg.kwargs())
-    return raw
+        in_range = (b0 + steps < B)[:, None]
+        h = tl.load(h_ptrs, mask=in_range, other=0.0)
+        q = tl.load(q_ptrs, mask=in_range, other=0.0)
+        acc = matmul(tl.trans(h), q, acc, DOT_PRECISION)
+        h_ptrs += BLOCK_B * h_stride
+        q_ptrs += BLOCK_B * stride_qb
+    # normalisation backward: the tangential part of Hᵀ · Q, divided by c
+    keys = key_start + local
+    out_mask = (local < chunk_len)[:, None] & (dims < D)[None, :]
+    k = tl.load(k_ptr + keys[:, None] * stride_kn + dims[None, :] * stride_kd, mask=out_mask, other=0.0)
+    radial_coef = tl.load(radial_coef_ptr + local, mask=local < chunk_len, other=0.0)
+    grad = (acc - radial_coef[:, None] * k.to(tl.float32)) * (1.0 / tl.load(grad_scale_ptr))
+    tl.store(out_ptr + keys[:, None] * D + dims[None, :], grad.to(out_ptr.dtype.element_ty), mask=out_mask)

@@ -30,42 +30,48 @@ def _tiles(b, n, d, warps, stages):
 
 _ELEMENTWISE = {
     "inv_norm": LaunchConfig({"BLOCK_R": 16, "BLOCK_D": 128}, 4, 1),
-    "project": LaunchConfig({"BLOCK_R": 16, "BLOCK_D": 128}, 4, 1),
 }
 
 # (arch family, operand width) -> kernel -> config. "16" covers bf16 and fp16, "32" fp32.
+# forward and grad_similarity tile S (BLOCK_B × BLOCK_N, D in BLOCK_D chunks); grad_queries is the
+# product H · K (BLOCK_B × BLOCK_D outputs, BLOCK_N keys a step); grad_keys is Hᵀ · Q (BLOCK_N × BLOCK_D
+# outputs, BLOCK_B rows a step).
 PRESETS = {
-    ("sm90", "16"): {
-        "forward": _tiles(128, 128, 64, 8, 3),
-        "grad_queries": _tiles(64, 128, 64, 8, 3),
-        "grad_keys": _tiles(64, 128, 64, 8, 3),
+    ("sm90", "16"): {  # measured on an H200: benchmarks/tune_presets.py, results/nvidia-h200_*-tune_presets.txt
+        "forward": _tiles(64, 128, 64, 4, 3),
+        "grad_similarity": _tiles(64, 128, 64, 4, 3),
+        "grad_queries": _tiles(128, 64, 256, 8, 3),
+        "grad_keys": _tiles(64, 128, 256, 8, 3),
         **_ELEMENTWISE,
     },
     ("sm90", "32"): {  # 3xTF32 holds high and low operand halves in registers: smaller tiles than 16-bit
         "forward": _tiles(128, 64, 32, 8, 3),
-        "grad_queries": _tiles(64, 64, 32, 8, 3),
-        "grad_keys": _tiles(64, 128, 16, 8, 3),
+        "grad_similarity": _tiles(64, 64, 32, 4, 3),
+        "grad_queries": _tiles(64, 32, 64, 4, 3),
+        "grad_keys": _tiles(32, 64, 64, 4, 3),
         **_ELEMENTWISE,
     },
     ("sm80", "16"): {
         "forward": _tiles(128, 128, 32, 8, 3),
-        "grad_queries": _tiles(64, 128, 32, 8, 3),
-        "grad_keys": _tiles(64, 128, 32, 8, 3),
+        "grad_similarity": _tiles(128, 64, 32, 8, 3),
+        "grad_queries": _tiles(128, 32, 128, 8, 3),
+        "grad_keys": _tiles(32, 128, 128, 8, 3),
         **_ELEMENTWISE,
     },
     ("sm80", "32"): {
         "forward": _tiles(128, 64, 32, 8, 3),
-        "grad_queries": _tiles(64, 64, 16, 8, 3),
-        "grad_keys": _tiles(64, 64, 16, 8, 3),
+        "grad_similarity": _tiles(64, 32, 16, 4, 3),
+        "grad_queries": _tiles(64, 16, 64, 4, 3),
+        "grad_keys": _tiles(16, 64, 64, 4, 3),
         **_ELEMENTWISE,
     },
 }
 _INTERPRETER = {
     "forward": _tiles(16, 32, 16, 4, 1),
+    "grad_similarity": _tiles(16, 32, 16, 4, 1),
     "grad_queries": _tiles(16, 32, 16, 4, 1),
     "grad_keys": _tiles(16, 32, 16, 4, 1),
     "inv_norm": LaunchConfig({"BLOCK_R": 16, "BLOCK_D": 16}, 4, 1),
-    "project": LaunchConfig({"BLOCK_R": 16, "BLOCK_D": 16}, 4, 1),
 }
 # Programs to aim for per launch, as a multiple of the SM count (the interpreter: a fixed small number,
 # enough to exercise several key splits).
@@ -111,9 +117,18 @@ def target_programs(x: torch.Tensor) -> int:
     return _WAVES * torch.cuda.get_device_properties(x.device).multi_processor_count
 
 
+# fp32 operands follow torch.get_float32_matmul_precision(), except that "high" keeps 3xTF32: one TF32
+# product puts an error of ~1e-3 into s, which γ amplifies (a logit moves by ~2γ·1e-3 ≈ 0.5 at γ = 256):
+# measured on an H200, TF32 gave gradients 15% off (3xTF32: 6e-5), so only "medium", which accepts
+# bf16-level matmuls, gets TF32.
+FP32_DOT_PRECISION = {"highest": "tf32x3", "high": "tf32x3", "medium": "tf32"}
+
+
 def dot_precision(dtype: torch.dtype) -> str:
-    """fp32 operands use 3xTF32 (fp32 accuracy on tensor cores); 16-bit ones are exact products.
-    Under the interpreter bf16 products go through float32 (see tile.matmul)."""
+    """tl.dot's input_precision for operands of dtype: 16-bit ones are exact products; fp32 ones follow
+    FP32_DOT_PRECISION. Under the interpreter bf16 products go through float32 (see tile.matmul)."""
     if dtype == torch.bfloat16 and interpreting():
         return "upcast"
-    return "tf32x3" if dtype == torch.float32 else "ieee"
+    if dtype == torch.float32:
+        return FP32_DOT_PRECISION[torch.get_float32_matmul_precision()]
+    return "ieee"

@@ -1,14 +1,14 @@
 """The pieces every Circle Loss kernel shares: one similarity tile and its epilogue.
 
 Symbols follow docs/design.md: queries q_i with labels a_i, keys k_j with labels b_j,
-s_ij = q̂_i · k̂_j, margin m, scale γ.
+s_ij = q̂_i · k̂_j, margin m, scale γ. Logits are kept in base 2 (γ·log2 e folded into one constant),
+so each exponential is one exp2.
 """
 import torch
 import triton
 import triton.language as tl
 
 from .presets import dot_precision
-
 
 @triton.jit
 def matmul(a, b, acc, DOT_PRECISION: tl.constexpr):
@@ -24,86 +24,89 @@ def matmul(a, b, acc, DOT_PRECISION: tl.constexpr):
 
 @triton.jit
 def dot_tile(q_ptr, k_ptr, rows, keys, B, N, D, stride_qb, stride_qd, stride_kn, stride_kd,
-             BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+             BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
              DOT_PRECISION: tl.constexpr):
     """q_i · k_j for a BLOCK_B × BLOCK_N tile of raw (unnormalised) rows, in float32.
 
-    `rows` and `keys` are int64 indices; rows ≥ B and keys ≥ N read as zeros.
+    `rows` and `keys` are int64 indices. Rows ≥ B and keys ≥ N read rows i mod B and j mod N (in
+    bounds, no masks in the loop): the caller masks what they produce. EVEN_D: BLOCK_D divides D.
     """
-    row_in = rows[:, None] * stride_qb
-    key_in = keys[:, None] * stride_kn
-    row_ok = (rows < B)[:, None]
-    key_ok = (keys < N)[:, None]
+    q_ptrs = q_ptr + (rows % B)[:, None] * stride_qb + tl.arange(0, BLOCK_D)[None, :] * stride_qd
+    k_ptrs = k_ptr + (keys % N)[:, None] * stride_kn + tl.arange(0, BLOCK_D)[None, :] * stride_kd
     acc = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
-        dims = d0 + tl.arange(0, BLOCK_D)
-        in_d = (dims < D)[None, :]
-        q = tl.load(q_ptr + row_in + dims[None, :].to(tl.int64) * stride_qd, mask=row_ok & in_d, other=0.0)
-        k = tl.load(k_ptr + key_in + dims[None, :].to(tl.int64) * stride_kd, mask=key_ok & in_d, other=0.0)
+        if EVEN_D:
+            q = tl.load(q_ptrs)
+            k = tl.load(k_ptrs)
+        else:
+            in_d = (d0 + tl.arange(0, BLOCK_D) < D)[None, :]
+            q = tl.load(q_ptrs, mask=in_d, other=0.0)
+            k = tl.load(k_ptrs, mask=in_d, other=0.0)
         acc = matmul(q, tl.trans(k), acc, DOT_PRECISION)
+        q_ptrs += BLOCK_D * stride_qd
+        k_ptrs += BLOCK_D * stride_kd
     return acc
 
 
 @triton.jit
-def circle_epilogue(dots, inv_norm_q, inv_norm_k, q_label, k_label, rows, keys, B, N, margin, gamma,
-                    EXCLUDE_SELF: tl.constexpr, DETACH_ALPHA: tl.constexpr):
-    """The Circle Loss formula on one tile: the one place α, Δ, γ and the masks are written.
+def circle_epilogue(s, is_pos, margin, gamma, DETACH_ALPHA: tl.constexpr):
+    """The Circle Loss formula on similarities s: the one place α, Δ and γ are written.
 
-    Returns (logit, slope, is_pos, is_pair):
-      logit   u_ij = -γ·α^p_ij·(s_ij - Δ_p) on positives, v_ij = γ·α^n_ij·(s_ij - Δ_n) on negatives,
-              -inf where (i, j) is no pair (out of bounds, or i == j when EXCLUDE_SELF);
-      slope   d logit / d s_ij: -γ·α^p and γ·α^n with α detached; otherwise -2γ(1 - s)·[α^p > 0] and
-              2γ·s·[α^n > 0] (a clipped α makes its logit 0 for every s: α^p clips where s > 1 + m, m < 0);
-      is_pos  b_j == a_i;  is_pair  (i, j) takes part in the loss.
+    is_pos: a tile of b_j == a_i, or a constant True / False for a tile of one kind.
+    Returns (logit2, slope):
+      logit2  the logit in base 2, log2 e · (u_ij = -γ·α^p·(s - Δ_p) on positives, v_ij = γ·α^n·(s - Δ_n)
+              on negatives); masks (bounds, labels, i == j) are the caller's;
+      slope   d logit / d s in natural units: -γ·α^p and γ·α^n with α detached; otherwise
+              -2γ(1 - s)·[α^p > 0] and 2γ·s·[α^n > 0] (a clipped α makes its logit 0 for every s).
 
-    Both label kinds share one α tile, α = α^p or α^n, and one distance to the margin,
-    Δ_p - s or s - Δ_n, so that logit = γ·α·distance: one tile of each kept live, not two.
+    Both label kinds share one α, α = α^p or α^n, and one distance to the margin, Δ_p - s or s - Δ_n,
+    so that logit = γ·α·distance.
     """
-    s = dots * inv_norm_q[:, None] * inv_norm_k[None, :]
-    is_pair = (rows < B)[:, None] & (keys < N)[None, :]
-    if EXCLUDE_SELF:
-        is_pair = is_pair & (rows[:, None] != keys[None, :])
-    is_pos = q_label[:, None] == k_label[None, :]
     # α^p = relu(O_p - s) with O_p = 1 + m;  α^n = relu(s - O_n) with O_n = -m
     alpha = tl.maximum(tl.where(is_pos, (1.0 + margin) - s, s + margin), 0.0)
     # -(s - Δ_p) with Δ_p = 1 - m;  s - Δ_n with Δ_n = m
     distance = tl.where(is_pos, (1.0 - margin) - s, s - margin)
-    logit = tl.where(is_pair, gamma * alpha * distance, float("-inf"))
+    logit2 = (gamma * 1.4426950408889634) * alpha * distance
     if DETACH_ALPHA:
-        slope = tl.where(is_pos, -gamma * alpha, gamma * alpha)
+        slope = tl.where(is_pos, -gamma, gamma) * alpha
     else:  # d(γ·α·distance)/ds where α is not clipped: 2γ(s - 1) = -2γ(distance + m) on positives,
-        # 2γ·s = 2γ(distance + m) on negatives (written without s, which need not stay live)
+        # 2γ·s = 2γ(distance + m) on negatives
         slope = tl.where(alpha > 0.0, tl.where(is_pos, -2.0 * gamma, 2.0 * gamma) * (distance + margin), 0.0)
-    return logit, slope, is_pos, is_pair
+    return logit2, slope
 
 
 @triton.jit
-def grad_similarity(logit, slope, is_pos, is_pair, lse_pos, lse_neg, row_scale):
-    """∂L/∂s_ij on one tile: σ_i · softmax weight of the logit within its own log-sum-exp · slope.
-
-    `row_scale` is σ_i = sigmoid(LP_i + LN_i) · g_i (0 for rows without a loss).
-    """
-    lse = tl.where(is_pos, lse_pos[:, None], lse_neg[:, None])
-    return tl.where(is_pair, row_scale[:, None] * tl.exp(logit - lse) * slope, 0.0)
-
-
-@triton.jit
-def load_tile_labels(q_label_ptr, k_label_ptr, rows, keys, B, N, CLASS_LEVEL: tl.constexpr):
-    """Row labels a_i and key labels b_j (b_j = j for class-level keys, the rows of W)."""
+def row_labels(q_label_ptr, rows, B, CLASS_LEVEL: tl.constexpr):
+    """a_i; class-level labels index keys (< N < 2^31) and are compared as int32."""
     q_label = tl.load(q_label_ptr + rows, mask=rows < B, other=-1)
     if CLASS_LEVEL:
-        k_label = keys
+        q_label = q_label.to(tl.int32)
+    return q_label
+
+
+@triton.jit
+def positive_pairs(q_label, k_label_ptr, keys, N, CLASS_LEVEL: tl.constexpr):
+    """The tile of b_j == a_i (b_j = j for class-level keys, the rows of W)."""
+    if CLASS_LEVEL:
+        k_label = keys.to(tl.int32)
     else:
         k_label = tl.load(k_label_ptr + keys, mask=keys < N, other=-1)
-    return q_label, k_label
+    return q_label[:, None] == k_label[None, :]
+
+
+@triton.jit
+def same_row_and_key(rows, first_key, BLOCK_N: tl.constexpr):
+    """The tile of i == j for keys first_key + [0, BLOCK_N) (in-batch keys are the queries), compared as
+    int32 offsets."""
+    return (rows - first_key).to(tl.int32)[:, None] == tl.arange(0, BLOCK_N)[None, :]
 
 
 def problem_arguments(queries: torch.Tensor, keys: torch.Tensor, query_labels: torch.Tensor, key_labels,
                       inv_norm_q: torch.Tensor, inv_norm_k: torch.Tensor, margin: float, gamma: float,
                       exclude_self: bool) -> dict:
-    """The keyword arguments every circle_* kernel takes about the problem: operands (read through
+    """The keyword arguments every circle_* tile kernel takes about the problem: operands (read through
     their strides), labels, inverse norms, m, γ and the label form (key_labels None: class-level
-    keys, b_j = j). Labels (B or N int64) are passed contiguous, as load_tile_labels indexes them:
+    keys, b_j = j). Labels (B or N int64) are passed contiguous, as row_labels and positive_pairs index them:
     a column slice or an expanded label tensor is copied."""
     B, D = queries.shape
     return dict(
@@ -114,3 +117,8 @@ def problem_arguments(queries: torch.Tensor, keys: torch.Tensor, query_labels: t
         stride_kn=keys.stride(0), stride_kd=keys.stride(1), margin=margin, gamma=gamma,
         CLASS_LEVEL=key_labels is None, EXCLUDE_SELF=exclude_self, DOT_PRECISION=dot_precision(queries.dtype),
     )
+
+
+def even_d(D: int, config) -> bool:
+    """EVEN_D of a tile kernel: its BLOCK_D divides D, so the D loop needs no mask."""
+    return D % config.blocks["BLOCK_D"] == 0

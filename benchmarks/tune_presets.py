@@ -1,0 +1,72 @@
+"""Measure candidate launch configurations of the fused kernels on a GPU, one kernel at a time.
+
+    python -m benchmarks.tune_presets [--cases A C]
+
+For each kernel of kernels/presets.py (sm_90, 16-bit) every candidate replaces the preset while the
+others keep theirs, and the step that runs that kernel (forward, or backward) is timed with
+triton.testing.do_bench on the gpu-check cases. The presets are chosen from this table.
+"""
+import argparse
+
+import torch
+import triton
+
+from circleloss_ext.kernels import presets
+
+from .cases import GPU_CASE_A, GPU_CASE_C, make_inputs
+from .implementations import LOSSES
+
+CANDIDATES = {  # (BLOCK_B, BLOCK_N, BLOCK_D, warps, stages)
+    "forward": [(128, 128, 64, 8, 3), (128, 64, 64, 8, 3), (128, 128, 32, 8, 4), (64, 128, 64, 4, 3),
+                (128, 256, 64, 8, 3)],
+    "grad_similarity": [(128, 64, 32, 8, 4), (128, 128, 64, 8, 3), (128, 64, 64, 8, 3), (128, 128, 32, 8, 3),
+                        (64, 64, 64, 4, 4), (64, 128, 64, 4, 3)],
+    "grad_queries": [(128, 64, 128, 8, 4), (128, 64, 256, 8, 3), (64, 64, 128, 4, 4), (128, 128, 128, 8, 3)],
+    "grad_keys": [(64, 128, 128, 8, 4), (64, 128, 256, 8, 3), (64, 256, 128, 8, 3), (32, 128, 128, 4, 4)],
+}
+CASES = {"A": GPU_CASE_A, "C": GPU_CASE_C}
+
+
+def _step_times(case) -> tuple[float, float]:
+    inputs = make_inputs(case, "cuda")
+    if case.label_form == "batch":
+        args = [inputs["embeddings"], inputs["labels"]]
+    else:
+        args = [inputs[name] for name in ("embeddings", "keys", "labels", "key_labels") if name in inputs]
+    loss_fn = LOSSES[case.label_form]
+    forward_ms = triton.testing.do_bench(lambda: loss_fn(*args, backend="triton"), warmup=2, rep=20)
+    loss = loss_fn(*args, backend="triton")
+    backward_ms = triton.testing.do_bench(lambda: loss.backward(retain_graph=True), warmup=2, rep=20,
+                                          grad_to_none=[inputs["embeddings"]] + ([inputs["keys"]] if "keys" in inputs else []))
+    return forward_ms, backward_ms
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.tune_presets", description=__doc__.split("\n")[0])
+    parser.add_argument("--cases", nargs="+", default=["A", "C"], choices=sorted(CASES))
+    parser.add_argument("--kernels", nargs="+", default=list(CANDIDATES), choices=list(CANDIDATES))
+    args = parser.parse_args(argv)
+    table = presets.PRESETS[(presets.arch_family(*_capability()), "16")]
+    print(torch.cuda.get_device_name(), flush=True)
+    for name in args.cases:
+        case = CASES[name]
+        for kernel in args.kernels:
+            candidates, current = CANDIDATES[kernel], table[kernel]
+            for blocks in candidates:
+                table[kernel] = presets._tiles(*blocks)
+                try:
+                    forward_ms, backward_ms = _step_times(case)
+                    timing = f"forward {forward_ms:7.2f} ms  backward {backward_ms:7.2f} ms"
+                except Exception as error:  # a candidate that does not fit is reported, not fatal
+                    timing = f"FAILED {type(error).__name__}: {str(error)[:80]}"
+                print(f"case {name} {kernel:16s} {table[kernel].label():28s} {timing}", flush=True)
+            table[kernel] = current
+
+
+def _capability():
+    properties = torch.cuda.get_device_properties(0)
+    return properties.major, getattr(properties, "shared_memory_per_block_optin", properties.shared_memory_per_block)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,66 @@
+"""Backward, step 1: H = ∂L/∂S with both inverse norms folded in, for one chunk of keys.
+
+Grid: (row blocks, key splits of the chunk). Program (r, p) recomputes each tile of S over its keys,
+forms G_ij = ∂L/∂s_ij = σ_i · (softmax weight of the logit within its own log-sum-exp) · slope, and
+writes
+
+  H_ij = G_ij · (1/‖q_i‖) · (1/‖k_j‖) · c      into the workspace (B × chunk, the operands' dtype),
+  Σ_i H_ij · (q_i · k_j) over its rows           into its row of the radial partials (row blocks × chunk),
+
+where c is a power of two that keeps fp16 workspaces in range (1 for bf16 and fp32). With H, the two
+matrix products of backward take raw operands: H · K = c·G · K̂ / ‖q_i‖ and Hᵀ · Q = c·Gᵀ · Q̂ / ‖k_j‖.
+The radial sums c·σ_j = c·Σ_i G_ij s_ij are summed from H as stored (rounded to the workspace dtype),
+so that grad_keys removes exactly the radial part of the Hᵀ · Q it computes.
+Every element of both outputs has one writer: no atomics, the same bits on every run.
+"""
+import triton
+import triton.language as tl
+
+from .tile import circle_epilogue, dot_tile, positive_pairs, row_labels, same_row_and_key
+
+
+@triton.jit
+def circle_grad_similarity_kernel(
+    q_ptr, k_ptr, q_label_ptr, k_label_ptr, inv_norm_q_ptr, inv_norm_k_ptr,
+    lse_pos_ptr, lse_neg_ptr, row_scale_ptr, grad_scale_ptr, h_ptr, radial_ptr,
+    B, N, D, stride_qb, stride_qd, stride_kn, stride_kd, key_start, chunk_len, h_stride, keys_per_split,
+    margin, gamma,
+    CLASS_LEVEL: tl.constexpr, EXCLUDE_SELF: tl.constexpr, DETACH_ALPHA: tl.constexpr, NEED_RADIAL: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    row_block = tl.program_id(0)
+    split = tl.program_id(1)
+    rows = row_block.to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
+    row_ok = rows < B
+    inv_norm_q = tl.load(inv_norm_q_ptr + rows, mask=row_ok, other=0.0)
+    # the row's statistics in base 2; rows past B get +inf log-sum-exps, so their weights are 0
+    lse_pos2 = tl.load(lse_pos_ptr + rows, mask=row_ok, other=float("inf")) * 1.4426950408889634
+    lse_neg2 = tl.load(lse_neg_ptr + rows, mask=row_ok, other=float("inf")) * 1.4426950408889634
+    row_scale = tl.load(row_scale_ptr + rows, mask=row_ok, other=0.0)  # σ_i
+    h_row = row_scale * inv_norm_q * tl.load(grad_scale_ptr)  # H_ij = h_row_i · (G_ij / σ_i) · (1/‖k_j‖)
+    q_label = row_labels(q_label_ptr, rows, B, CLASS_LEVEL)
+    local_start = split.to(tl.int64) * keys_per_split
+    local_stop = tl.minimum(local_start + keys_per_split, chunk_len)
+    for j0 in range(local_start, local_stop, BLOCK_N):
+        local = j0 + tl.arange(0, BLOCK_N)
+        keys = key_start + local
+        # S tile, recomputed: raw products on the tensor cores, normalised in the float32 accumulator
+        dots = dot_tile(q_ptr, k_ptr, rows, keys, B, N, D, stride_qb, stride_qd, stride_kn, stride_kd,
+                        BLOCK_B, BLOCK_N, BLOCK_D, EVEN_D, DOT_PRECISION)
+        inv_norm_k = tl.load(inv_norm_k_ptr + keys, mask=keys < N, other=0.0)
+        s = dots * inv_norm_q[:, None] * inv_norm_k[None, :]
+        is_pos = positive_pairs(q_label, k_label_ptr, keys, N, CLASS_LEVEL)
+        logit2, slope = circle_epilogue(s, is_pos, margin, gamma, DETACH_ALPHA)
+        # G_ij / σ_i: the logit's softmax weight within LP_i or LN_i, times d logit / d s
+        weight = tl.exp2(logit2 - tl.where(is_pos, lse_pos2[:, None], lse_neg2[:, None]))
+        absent = (keys >= N)[None, :]
+        if EXCLUDE_SELF:
+            absent = absent | same_row_and_key(rows, key_start + j0, BLOCK_N)
+        unit_grad = tl.where(absent, 0.0, weight * slope)
+        h = (unit_grad * h_row[:, None] * inv_norm_k[None, :]).to(h_ptr.dtype.element_ty)
+        in_chunk = (local < chunk_len)[None, :]
+        tl.store(h_ptr + rows[:, None] * h_stride + local[None, :], h, mask=row_ok[:, None] & in_chunk)
+        if NEED_RADIAL:  # c·σ_j's share from these rows, times ‖k_j‖: Σ_i H_ij (q_i · k_j)
+            radial = tl.sum(h.to(tl.float32) * dots, axis=0)
+            tl.store(radial_ptr + row_block * h_stride + local, radial, mask=local < chunk_len)

@@ -1,0 +1,65 @@
+"""The Triton backward's bounded workspace (chunks of keys), its fp16 scaling and fp32 precision settings."""
+import pytest
+import torch
+
+import circleloss_ext as cl
+from helpers import check_against_reference, make_inputs
+
+
+@pytest.fixture
+def small_workspace():
+    before = cl.workspace_limit()
+    yield
+    cl.set_workspace_limit(before)
+
+
+@pytest.mark.parametrize("form", ["class", "batch", "reference set"])
+def test_backward_in_several_chunks(form, small_workspace):
+    """A cap far below B × N: backward walks the keys in chunks (with an odd last one) and gives the
+    same loss and gradients as one chunk would."""
+    emb, keys, labels, key_labels = make_inputs(37, 203, 24, num_labels=None if form == "class" else 6)
+    cl.set_workspace_limit(37 * 64 * 4)  # 64 keys of H per chunk: 4 chunks, the last of 11 keys
+    if form == "class":
+        check_against_reference(cl.circle_loss, (emb, keys, labels), "triton", detach_alpha=False)
+    elif form == "batch":
+        check_against_reference(cl.pairwise_circle_loss, (emb, labels), "triton")
+    else:
+        def against(e, y, r, ry, **kw):
+            return cl.pairwise_circle_loss(e, y, ref_embeddings=r, ref_labels=ry, **kw)
+        check_against_reference(against, (emb, labels, keys, key_labels), "triton")
+
+
+def test_chunk_size_follows_the_cap():
+    from circleloss_ext.kernels.backward import chunk_keys
+    assert chunk_keys(1024, 1_000_000, torch.bfloat16, 8, 128, True) == (1 << 30) // (1024 * 2 + 32) // 128 * 128
+    assert chunk_keys(4, 100, torch.float32, 1, 32, True) == 128  # never more than N needs
+    assert chunk_keys(10**6, 10**6, torch.float32, 10**4, 256, True) == 256  # at least one aligned step
+
+
+@pytest.mark.parametrize("bad", [0, -5, 1.5, True, "1GB"])
+def test_workspace_limit_is_checked(bad, small_workspace):
+    with pytest.raises(ValueError, match="workspace limit must be a positive number of bytes"):
+        cl.set_workspace_limit(bad)
+
+
+@pytest.mark.parametrize("scales", [(1e-3, 1e-3), (100.0, 100.0)], ids=["short-rows", "long-rows"])
+def test_fp16_workspace_stays_in_range(scales):
+    """fp16 has 5 exponent bits: short rows make H = G·(1/‖q‖)·(1/‖k‖) overflow and long rows flush it to
+    zero unless it is scaled by a power of two (kernels/backward.py)."""
+    emb, keys, labels, _ = make_inputs(33, 70, 40)
+    emb, keys = (emb * scales[0]).half(), (keys * scales[1]).half()
+    check_against_reference(cl.circle_loss, (emb, keys, labels), "triton", dtype=torch.float16, gamma=256.0,
+                            reduction="sum")
+
+
+@pytest.mark.parametrize("precision", ["highest", "high", "medium"])
+def test_fp32_follows_the_matmul_precision(precision):
+    from circleloss_ext.kernels.presets import dot_precision
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(precision)
+    try:
+        assert dot_precision(torch.float32) == {"highest": "tf32x3", "high": "tf32x3", "medium": "tf32"}[precision]
+        emb, keys, labels, _ = make_inputs(19, 45, 20)
+        check_against_reference(cl.circle_loss, (emb, keys, labels), "triton")  # the interpreter multiplies in fp32
+    finally:
+        torch.set_float32_matmul_precision(before)
