@@ -19,10 +19,11 @@ A failed compile is printed with its reason, the others still run, and the exit 
 Instruction counts, read from the SASS (`cuobjdump -sass`; `--sass DIR` keeps each kernel's), at
 D = 512 (the face-training width; ANALYSIS_D):
   mma_flops_per_tile  the tensor-core work of one tile (one iteration of the kernel's outermost loop:
-                a BLOCK_B × BLOCK_N tile of S and what backward does with it): every HGMMA.MxNxK
+                a BLOCK_B × BLOCK_N tile of S with its epilogue in forward and grad_similarity, one
+                BLOCK × BLOCK × BLOCK step in the plain products grad_queries and grad_keys): every HGMMA.MxNxK
                 (M·N·K·2 flops per warpgroup) or HMMA.mnk (m·n·k·2 per warp) in it, those inside an
                 inner loop (the D chunks) times its trip count, ceil(512 / BLOCK_D). For 16-bit
-                operands this is exactly the products' 2·BLOCK_B·BLOCK_N·D each (a test checks it);
+                operands this is exactly 2·BLOCK_B·BLOCK_N·D, or the step's 2·BLOCK_B·BLOCK_N·BLOCK_D (a test checks it);
                 fp32 operands count what 3xTF32 issues (three or more tf32 products per product).
                 0 for kernels without matrix products.
   issue_to_mma  (SASS instructions executed per tile per warp, loop bodies × trip counts, × warps / 4

@@ -10,11 +10,23 @@ import sys
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-KERNELS = {"inv_norm_kernel", "circle_forward_kernel", "circle_grad_queries_kernel",
-           "circle_grad_keys_kernel", "project_kernel"}
+KERNELS = {"inv_norm_kernel", "circle_forward_kernel", "circle_grad_similarity_kernel",
+           "circle_grad_queries_kernel", "circle_grad_keys_kernel"}
 KEYS = {"kernel", "arch", "config", "registers", "spill_bytes", "shared_bytes", "mma_flops_per_tile",
         "issue_to_mma", "sync_waits", "sass"}
-PRODUCTS_PER_TILE = {"circle_forward_kernel": 1, "circle_grad_queries_kernel": 2, "circle_grad_keys_kernel": 2}
+# The matrix-product flops of one iteration of each kernel's outer loop: a BLOCK_B × BLOCK_N tile of S
+# over D = 512 for the tile kernels, one BLOCK_B × BLOCK_N × BLOCK_D step for the two plain products.
+TILE_FLOPS = {
+    "circle_forward_kernel": lambda b, n, d: 2 * b * n * 512,
+    "circle_grad_similarity_kernel": lambda b, n, d: 2 * b * n * 512,
+    "circle_grad_queries_kernel": lambda b, n, d: 2 * b * n * d,
+    "circle_grad_keys_kernel": lambda b, n, d: 2 * b * n * d,
+}
+# The tile kernels' epilogues keep more tiles live than 255 registers hold at the tiles that run fastest:
+# on an H200 grad_similarity's sm_90 preset (spilling ~350 bytes) beat every spill-free candidate by
+# 10-30%, and the forward's (16 bytes, in-batch form only) was the fastest for the in-batch case
+# (benchmarks/results/nvidia-h200_20261126-tune_presets.txt). The plain products must not spill.
+SPILL_ALLOWANCE = {"circle_grad_similarity_kernel": 1024, "circle_forward_kernel": 64}
 SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}  # bytes per block
 
 
@@ -50,7 +62,7 @@ def test_rows_have_the_required_keys(report):
 def test_presets_neither_spill_nor_overflow_shared_memory(report):
     _, rows, _ = report
     for row in rows:
-        assert row["spill_bytes"] == 0, f"spills: {row}"
+        assert row["spill_bytes"] <= SPILL_ALLOWANCE.get(row["kernel"], 0), f"spills: {row}"
         assert 0 < row["registers"] <= 255, row
         assert row["shared_bytes"] <= SHARED_LIMIT[row["arch"]], f"shared memory: {row}"
 
@@ -64,17 +76,16 @@ def test_matrix_products_use_wgmma_on_sm90(report):
 
 def test_tensor_core_work_read_from_the_sass(report):
     """mma_flops_per_tile, counted from the HGMMA/HMMA instructions and loop trip counts, equals the
-    products' flops of one tile at D = 512 for 16-bit operands, so the SASS reading is right; 3xTF32
+    products' flops of one tile (TILE_FLOPS) for 16-bit operands, so the SASS reading is right; 3xTF32
     issues at least three tf32 products per product."""
     _, rows, sass_dir = report
     for row in rows:
         assert (sass_dir / row["sass"]).is_file()
-        products = PRODUCTS_PER_TILE.get(row["kernel"], 0)
-        if not products:
+        if row["kernel"] not in TILE_FLOPS:
             assert row["mma_flops_per_tile"] == 0 and row["issue_to_mma"] is None, row
             continue
-        blocks = dict(part.split("=") for part in row["config"].split() if part[0] in "BN")
-        flops = 2 * int(blocks["B"]) * int(blocks["N"]) * 512 * products
+        blocks = dict(part.split("=") for part in row["config"].split() if part[0] in "BND" and "=" in part)
+        flops = TILE_FLOPS[row["kernel"]](int(blocks["B"]), int(blocks["N"]), int(blocks["D"]))
         if row["variant"].startswith("fp32"):
             assert row["mma_flops_per_tile"] >= 3 * flops, row
         else:
