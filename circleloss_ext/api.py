@@ -14,6 +14,12 @@ Reduction = Literal["none", "sum", "mean"]
 Backend = Literal["auto", "triton", "cpu", "reference"]
 
 
+def _autocasting(x: Tensor) -> bool:
+    """Whether autocast is on for x's device: then operands of different float dtypes are fine (both are
+    cast to the autocast dtype, as nn.Linear's are)."""
+    return torch.is_autocast_enabled(x.device.type)
+
+
 def _autocast(*tensors):
     """Under torch.autocast the loss behaves as nn.Linear then cross_entropy: the products run in the
     autocast dtype, the loss comes back in float32."""
@@ -53,7 +59,8 @@ def circle_loss(embeddings: Tensor, weight: Tensor, labels: Tensor, *, m: float 
                 backend: Backend = "auto") -> Tensor:
     """Circle Loss with class-level labels: embeddings (B, D) against the class matrix W = weight (C, D).
 
-    Both are unnormalised (normalised inside); fp16, bf16, fp32 or fp64, of one dtype and device.
+    Both are unnormalised (normalised inside); fp16, bf16, fp32 or fp64, of one dtype (any two under
+    torch.autocast, e.g. 16-bit embeddings with an fp32 weight) and one device.
     labels: int64 or int32 (B,) in [0, C), or ignore_index for rows that take no part.
     m: margin (any finite number), gamma: scale γ > 0. reduction "none" gives (B,) row losses (0 for
     rows without a loss), "sum" their sum, "mean" their sum over the rows that have a loss (0 when
@@ -64,7 +71,7 @@ def circle_loss(embeddings: Tensor, weight: Tensor, labels: Tensor, *, m: float 
     """
     check_matrix("embeddings", embeddings)
     check_matrix("weight", weight, embeddings.shape[1])
-    check_same("weight", weight, "embeddings", embeddings)
+    check_same("weight", weight, "embeddings", embeddings, dtype=not _autocasting(embeddings))
     check_labels("labels", labels, embeddings.shape[0], "embeddings")
     check_same("labels", labels, "embeddings", embeddings, dtype=False)
     check_hyperparameters(m, gamma, reduction, backend, detach_alpha)
@@ -97,7 +104,7 @@ def pairwise_circle_loss(embeddings: Tensor, labels: Tensor, *, ref_embeddings: 
         raise ValueError(f"a reference set needs both ref_embeddings and ref_labels; {missing} is missing")
     if ref_embeddings is not None:
         check_matrix("ref_embeddings", ref_embeddings, embeddings.shape[1])
-        check_same("ref_embeddings", ref_embeddings, "embeddings", embeddings)
+        check_same("ref_embeddings", ref_embeddings, "embeddings", embeddings, dtype=not _autocasting(embeddings))
         check_labels("ref_labels", ref_labels, ref_embeddings.shape[0], "ref_embeddings")
         check_same("ref_labels", ref_labels, "embeddings", embeddings, dtype=False)
     check_hyperparameters(m, gamma, reduction, backend, detach_alpha)

@@ -20,7 +20,8 @@ from torch import Tensor, nn
 from . import ops, reference
 from .api import Backend
 from .ops import resolve_backend
-from .validation import LABEL_DTYPES, as_index_labels, check_hyperparameters, check_matrix, check_positive_int
+from .validation import (LABEL_DTYPES, as_index_labels, check_hyperparameters, check_ignore_index, check_matrix,
+                         check_positive_int)
 
 _NEG_INF = float("-inf")
 
@@ -67,10 +68,24 @@ def _comparable(value):
     return value if isinstance(value, (bool, int, float, str)) else repr(value)
 
 
+# torch 2.13 renamed the single-tensor collectives; 2.11 (and NCCL builds before 2.12) have the old names.
+_gather_into = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
 def _all_gather(x: torch.Tensor, group, world_size: int) -> torch.Tensor:
-    parts = [torch.empty_like(x) for _ in range(world_size)]
-    dist.all_gather(parts, x.contiguous(), group=group)
-    return torch.cat(parts)
+    """The ranks' x (same shape on every rank) stacked along dim 0, in rank order: one collective into
+    one buffer."""
+    out = x.new_empty((world_size * x.shape[0], *x.shape[1:]))
+    _gather_into(out, x.contiguous(), group=group)
+    return out
+
+
+def _sum_own_rows(x: torch.Tensor, group, world_size: int) -> torch.Tensor:
+    """Σ over ranks of x (world_size·b, ...), of which each rank receives only its own b rows."""
+    out = x.new_empty((x.shape[0] // world_size, *x.shape[1:]))
+    _reduce_scatter(out, x.contiguous(), group=group)
+    return out
 
 
 class _ShardPartial:
@@ -116,31 +131,39 @@ class _ShardPartial:
 
 
 class _ShardedCircleLossFunction(torch.autograd.Function):
-    """Global mean Circle Loss of the gathered batch; see ShardedCircleLoss for the gradient contract."""
+    """Circle Loss of the gathered batch; see ShardedCircleLoss for the reductions and the gradient contract."""
 
     @staticmethod
-    def forward(ctx, local_embeddings, keys, labels, partial, group, rank, world_size):
+    def forward(ctx, local_embeddings, keys, labels, partial, group, rank, world_size, reduction):
         """labels: the gathered batch's labels as indices into keys (-1 for classes outside them)."""
         queries = _all_gather(local_embeddings, group, world_size)
         part_pos, part_neg, saved = partial.forward(queries, keys, labels)
         lse_pos = _all_reduce_lse(part_pos, group)
         lse_neg = _all_reduce_lse(part_neg, group)
-        count = ((lse_pos > _NEG_INF) & (lse_neg > _NEG_INF)).sum().clamp_min(1)
+        takes_part = ops.rows_taking_part(lse_pos, lse_neg)
+        row_loss = torch.where(takes_part, F.softplus(lse_pos + lse_neg), 0.0)
+        count = takes_part.sum().clamp_min(1)
         ctx.save_for_backward(queries, keys, labels, lse_pos, lse_neg, count, *saved)
-        ctx.partial, ctx.group, ctx.rank, ctx.world_size = partial, group, rank, world_size
-        return F.softplus(lse_pos + lse_neg).sum() / count
+        ctx.partial, ctx.group, ctx.rank, ctx.world_size, ctx.reduction = partial, group, rank, world_size, reduction
+        if reduction == "none":
+            rows = local_embeddings.shape[0]
+            return row_loss[rank * rows:(rank + 1) * rows]
+        return row_loss.sum() / count if reduction == "mean" else row_loss.sum()
 
     @staticmethod
-    def backward(ctx, grad_loss):
+    def backward(ctx, grad_out):
         queries, keys, labels, lse_pos, lse_neg, count, *saved = ctx.saved_tensors
-        grad_rows = (grad_loss / count).to(lse_pos.dtype).expand(queries.shape[0]).contiguous()
+        if ctx.reduction == "none":  # each rank's upstream gradients of its own rows, for every shard
+            grad_rows = _all_gather(grad_out.to(lse_pos.dtype), ctx.group, ctx.world_size)
+        else:
+            scale = grad_out / count if ctx.reduction == "mean" else grad_out
+            grad_rows = scale.to(lse_pos.dtype).expand(queries.shape[0]).contiguous()
         grad_q, grad_k = ctx.partial.backward(grad_rows, queries, keys, labels, lse_pos, lse_neg, saved,
                                               ctx.needs_input_grad[1])
-        grad_q = grad_q.contiguous()
-        dist.all_reduce(grad_q, op=dist.ReduceOp.SUM, group=ctx.group)  # every shard's part of dL/dq
-        rows = grad_q.shape[0] // ctx.world_size
-        grad_local = grad_q[ctx.rank * rows:(ctx.rank + 1) * rows] * ctx.world_size  # DDP then averages
-        return grad_local, grad_k, None, None, None, None, None
+        # every shard's part of dL/dq, summed, each rank receiving its own rows; times W because DDP
+        # then averages the backbone's gradients over the ranks
+        grad_local = _sum_own_rows(grad_q, ctx.group, ctx.world_size) * ctx.world_size
+        return grad_local, grad_k, None, None, None, None, None, None
 
 
 class ShardedCircleLoss(nn.Module):
@@ -149,16 +172,24 @@ class ShardedCircleLoss(nn.Module):
     Rank r of W owns rows [class_start, class_stop) of W (num_classes // W of them, one more on the
     first num_classes % W ranks), exposed as `weight`, `class_start`, `class_stop`.
 
-    forward(local_embeddings (b, D), local_labels int64 or int32 (b,), global class ids in [0, num_classes))
-    returns the loss of the whole global batch (the mean over its W·b rows), the same on every rank.
-    Every rank must call it with the same b.
+    forward(local_embeddings (b, D), local_labels int64 or int32 (b,), global class ids in [0, num_classes)
+    or ignore_index) returns, in float32:
+      * reduction "mean" (default): the mean over the global batch's W·b rows that take part (rows
+        labelled ignore_index do not), the same on every rank;
+      * "sum": their sum, the same on every rank;
+      * "none": the losses of this rank's own b rows (0 for ignored rows).
+    Every rank must call it with the same b. Under torch.autocast the products run in the autocast
+    dtype (16-bit embeddings from an autocast backbone with an fp32 weight, as Partial FC trains), and
+    the weight's gradient comes back in fp32.
 
-    Gradient contract:
-      * `weight` receives exactly ∂L/∂(its rows) of the global loss L;
+    Gradient contract, for the objective L = the loss ("mean", "sum") or the sum over ranks of each
+    rank's function of its own rows ("none"):
+      * `weight` receives exactly ∂L/∂(its rows);
       * local_embeddings receive W · ∂L/∂(local rows), so that a backbone wrapped in
         DistributedDataParallel, which averages its gradients over the W ranks, gets exactly the
         gradient of single-process training on the concatenated batch. Wrap the backbone in DDP,
-        not this module (its parameters differ per rank by design).
+        not this module (its parameters differ per rank by design). Each rank receives only its own
+        rows' gradient (one reduce-scatter of the global batch's B × D).
 
     sample_rate < 1 is Partial FC's negative-class sampling: each step keeps every class of the
     shard that is positive anywhere in the global batch, plus a random subset of the other rows of
@@ -172,7 +203,7 @@ class ShardedCircleLoss(nn.Module):
     "triton", "cpu" or "reference". Works over NCCL with CUDA tensors and gloo with CPU tensors.
 
     Construction is collective: every rank must construct the module, with the same num_classes,
-    embedding_dim, m, gamma, sample_rate, detach_alpha, backend, dtype and device type (checked by
+    embedding_dim, m, gamma, sample_rate, detach_alpha, reduction, ignore_index, backend, dtype and device type (checked by
     one all-gather; any mismatch or bad argument raises the same error on every rank). Every forward
     is collective too: a rank that skips one leaves the others waiting for the process group's
     timeout (docs/distributed.md).
@@ -180,8 +211,8 @@ class ShardedCircleLoss(nn.Module):
 
     def __init__(self, num_classes: int, embedding_dim: int, *, process_group: Optional[dist.ProcessGroup] = None,
                  m: float = 0.25, gamma: float = 256.0, sample_rate: float = 1.0, detach_alpha: bool = True,
-                 backend: Backend = "auto", seed: int = 0, device: Optional[torch.device] = None,
-                 dtype: Optional[torch.dtype] = None) -> None:
+                 reduction: str = "mean", ignore_index: int = -100, backend: Backend = "auto", seed: int = 0,
+                 device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = None) -> None:
         super().__init__()
         if not (dist.is_available() and dist.is_initialized()):
             raise RuntimeError("ShardedCircleLoss needs an initialised process group: call "
@@ -191,13 +222,15 @@ class ShardedCircleLoss(nn.Module):
         self.world_size = dist.get_world_size(process_group)
         factory = torch.empty(0, device=device, dtype=dtype)  # where and how the rows will be made
         settings = dict(num_classes=num_classes, embedding_dim=embedding_dim, m=m, gamma=gamma,
-                        sample_rate=sample_rate, detach_alpha=detach_alpha, backend=backend,
-                        dtype=str(factory.dtype), device_type=factory.device.type)
+                        sample_rate=sample_rate, detach_alpha=detach_alpha, reduction=reduction,
+                        ignore_index=ignore_index, backend=backend, dtype=str(factory.dtype),
+                        device_type=factory.device.type)
         self._agree_across_ranks(settings)
         self.num_classes, self.embedding_dim = num_classes, embedding_dim
         self.class_start, self.class_stop = shard_range(num_classes, self.world_size, self.rank)
         self.m, self.gamma, self.sample_rate, self.detach_alpha, self.backend = m, gamma, sample_rate, detach_alpha, \
             backend
+        self.reduction, self.ignore_index = reduction, ignore_index
         self.weight = nn.Parameter(torch.empty(self.class_stop - self.class_start, embedding_dim, device=device,
                                                dtype=dtype))
         self.seed = seed
@@ -206,8 +239,10 @@ class ShardedCircleLoss(nn.Module):
         self.generator = None  # the sampling generator, made on the weight's device at the first draw
         self.last_sampled = None
 
-    def _check_settings(self, num_classes, embedding_dim, m, gamma, sample_rate, detach_alpha, backend, **_):
-        check_hyperparameters(m, gamma, "mean", backend, detach_alpha)
+    def _check_settings(self, num_classes, embedding_dim, m, gamma, sample_rate, detach_alpha, reduction,
+                        ignore_index, backend, **_):
+        check_hyperparameters(m, gamma, reduction, backend, detach_alpha)
+        check_ignore_index(ignore_index)
         check_positive_int("embedding_dim", embedding_dim)
         if isinstance(sample_rate, bool) or not (isinstance(sample_rate, (int, float)) and 0 < sample_rate <= 1):
             raise ValueError(f"sample_rate must lie in (0, 1], got {sample_rate!r}")
@@ -246,7 +281,7 @@ class ShardedCircleLoss(nn.Module):
         if not isinstance(labels, torch.Tensor) or labels.dtype not in LABEL_DTYPES or \
                 labels.shape != embeddings.shape[:1]:
             raise ValueError(f"local_labels must be an int64 or int32 tensor of shape ({embeddings.shape[0]},)")
-        out_of_range = ((labels < 0) | (labels >= self.num_classes)).any()
+        out_of_range = ((labels < 0) | (labels >= self.num_classes)).logical_and(labels != self.ignore_index).any()
         facts = torch.stack([torch.tensor(embeddings.shape[0]), torch.tensor(embeddings.shape[1]),
                              out_of_range.cpu().long()]).to(self.weight.device)
         every = _all_gather(facts[None], self.group, self.world_size).tolist()
@@ -259,18 +294,18 @@ class ShardedCircleLoss(nn.Module):
                              "by rank")
         bad = [r for r, f in enumerate(every) if f[2]]
         if bad:
-            raise ValueError(f"local_labels must lie in [0, num_classes={self.num_classes}); ranks {bad} passed "
-                             "labels outside")
+            raise ValueError(f"local_labels must lie in [0, num_classes={self.num_classes}) or equal ignore_index="
+                             f"{self.ignore_index}; ranks {bad} passed labels outside")
 
     def _sample(self, labels):
         """(the shard rows used this step, or None for all; the global labels as indices into them,
         -1 for classes outside)."""
         rows = self.class_stop - self.class_start
         local = labels - self.class_start
-        in_shard = (local >= 0) & (local < rows)
+        in_shard = (local >= 0) & (local < rows) & (labels != self.ignore_index)
         if self.sample_rate >= 1:
             return None, torch.where(in_shard, local, -1)
-        keep = max(1, math.ceil(self.sample_rate * rows))
+        keep = self._sample_count(rows)
         if self.generator is None or self.generator.device != self.weight.device:
             self.generator = torch.Generator(device=self.weight.device).manual_seed(self._rank_seed() + 1)
         score = torch.rand(rows, generator=self.generator, device=self.weight.device)
@@ -281,19 +316,29 @@ class ShardedCircleLoss(nn.Module):
         position[sampled] = torch.arange(keep, device=self.weight.device)
         return sampled, torch.where(in_shard, position[local.clamp(0, rows - 1)], -1)
 
+    def _sample_count(self, rows: int) -> int:
+        """Rows of the shard a sampled step keeps (before adding positives beyond it): ceil(sample_rate · rows)."""
+        return max(1, math.ceil(self.sample_rate * rows))
+
     def forward(self, local_embeddings: Tensor, local_labels: Tensor) -> Tensor:
         self._check_batch(local_embeddings, local_labels)
         local_labels = as_index_labels(local_labels)
-        if local_embeddings.device != self.weight.device or local_embeddings.dtype != self.weight.dtype:
+        device_type = self.weight.device.type
+        autocast = torch.is_autocast_enabled(device_type)
+        if local_embeddings.device != self.weight.device or \
+                (local_embeddings.dtype != self.weight.dtype and not autocast):
             raise ValueError(f"local_embeddings ({local_embeddings.dtype}, {local_embeddings.device}) must match "
-                             f"weight ({self.weight.dtype}, {self.weight.device})")
+                             f"weight ({self.weight.dtype}, {self.weight.device}), or run under torch.autocast")
         sampled, shard_labels = self._sample(_all_gather(local_labels, self.group, self.world_size))
         self.last_sampled = sampled
         keys = self.weight if sampled is None else self.weight.index_select(0, sampled)
+        if autocast:  # as nn.Linear under autocast: both operands in the autocast dtype
+            dtype = torch.get_autocast_dtype(device_type)
+            local_embeddings, keys = local_embeddings.to(dtype), keys.to(dtype)
         partial = _ShardPartial(resolve_backend(self.backend, local_embeddings), float(self.m), float(self.gamma),
                                 self.detach_alpha)
         return _ShardedCircleLossFunction.apply(local_embeddings, keys, shard_labels, partial, self.group, self.rank,
-                                                self.world_size)
+                                                self.world_size, self.reduction)
 
     def shard_state(self) -> dict:
         """This rank's part of a checkpoint: its rows and where they sit in the full class matrix."""
@@ -322,4 +367,4 @@ class ShardedCircleLoss(nn.Module):
     def extra_repr(self):
         return (f"num_classes={self.num_classes}, embedding_dim={self.embedding_dim}, rank={self.rank}/"
                 f"{self.world_size}, rows=[{self.class_start}, {self.class_stop}), m={self.m}, gamma={self.gamma}, "
-                f"sample_rate={self.sample_rate}, backend={self.backend!r}")
+                f"sample_rate={self.sample_rate}, reduction={self.reduction!r}, backend={self.backend!r}")

@@ -102,6 +102,77 @@ def test_fused_backends_match_single_process(backend):
     run_ranks(_matches_single_process, 2, 13, torch.float32, backend, True, 1e-4)
 
 
+def _reductions(rank, world_size, reduction, dtype, backend, tol):
+    """reduction "mean", "sum" or "none" with rows labelled ignore_index, against circle_loss on the whole
+    batch: the value, W·∂L/∂(own rows) (one reduce-scatter) and ∂L/∂(weight shard), where for "none" L is
+    the sum over ranks of each rank's weighted sum of its own rows."""
+    num_classes = 13
+    gen = torch.Generator().manual_seed(99)
+    embeddings = torch.randn(world_size * LOCAL_BATCH, EMB_DIM, generator=gen, dtype=torch.float64)
+    full_weight = torch.randn(num_classes, EMB_DIM, generator=gen, dtype=torch.float64)
+    labels = torch.randint(0, num_classes, (world_size * LOCAL_BATCH,), generator=gen)
+    labels[1], labels[-1] = 5, 5
+    labels[2], labels[-2] = -7, -7  # ignored, on the first and the last rank
+    upstream = torch.linspace(0.5, 1.5, labels.shape[0], dtype=torch.float64)
+    e_all, w_all = embeddings.clone().requires_grad_(), full_weight.clone().requires_grad_()
+    expected = cl.circle_loss(e_all, w_all, labels, reduction=reduction, ignore_index=-7, backend="reference")
+    (expected * upstream if reduction == "none" else expected).sum().backward()
+
+    rows = slice(rank * LOCAL_BATCH, (rank + 1) * LOCAL_BATCH)
+    head = ShardedCircleLoss(num_classes, EMB_DIM, reduction=reduction, ignore_index=-7, dtype=dtype, backend=backend)
+    with torch.no_grad():
+        head.weight.copy_(full_weight[head.class_start:head.class_stop])
+    local = embeddings[rows].to(dtype).requires_grad_()
+    out = head(local, labels[rows].int())
+    (out * upstream[rows].to(out.dtype) if reduction == "none" else out).sum().backward()
+    torch.testing.assert_close(out.double(), expected[rows] if reduction == "none" else expected, rtol=tol, atol=tol)
+    torch.testing.assert_close(local.grad.double(), world_size * e_all.grad[rows], rtol=tol, atol=tol)
+    torch.testing.assert_close(head.weight.grad.double(), w_all.grad[head.class_start:head.class_stop], rtol=tol,
+                               atol=tol)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_reductions_and_ignored_rows(reduction):
+    run_ranks(_reductions, 3, reduction, torch.float64, "auto", 1e-10)
+
+
+def test_reductions_on_a_fused_backend():
+    run_ranks(_reductions, 2, "none", torch.float32, "cpu", 1e-4)
+
+
+def _autocast_with_fp32_weight(rank, world_size, embedding_dtype):
+    """16-bit embeddings (as an autocast backbone makes them) and an fp32 weight under autocast: the loss
+    and gradients of circle_loss under the same autocast, and an fp32 weight gradient."""
+    num_classes = 11
+    gen = torch.Generator().manual_seed(5)
+    embeddings = torch.randn(world_size * LOCAL_BATCH, EMB_DIM, generator=gen)
+    full_weight = torch.randn(num_classes, EMB_DIM, generator=gen)
+    labels = torch.randint(0, num_classes, (world_size * LOCAL_BATCH,), generator=gen)
+    e_all = embeddings.to(embedding_dtype).clone().requires_grad_()
+    w_all = full_weight.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = cl.circle_loss(e_all, w_all, labels, backend="cpu")
+    expected.backward()
+    rows = slice(rank * LOCAL_BATCH, (rank + 1) * LOCAL_BATCH)
+    head = ShardedCircleLoss(num_classes, EMB_DIM, backend="cpu")
+    with torch.no_grad():
+        head.weight.copy_(full_weight[head.class_start:head.class_stop])
+    local = embeddings[rows].to(embedding_dtype).clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = head(local, labels[rows])
+    loss.backward()
+    assert loss.dtype == torch.float32 and head.weight.grad.dtype == torch.float32
+    assert local.grad.dtype == embedding_dtype
+    torch.testing.assert_close(loss, expected.float(), rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(head.weight.grad, w_all.grad[head.class_start:head.class_stop], rtol=2e-2, atol=2e-3)
+    torch.testing.assert_close(local.grad.float(), world_size * e_all.grad[rows].float(), rtol=2e-2, atol=2e-3)
+
+
+@pytest.mark.parametrize("embedding_dtype", [torch.float32, torch.bfloat16])
+def test_autocast_with_an_fp32_weight(embedding_dtype):
+    run_ranks(_autocast_with_fp32_weight, 2, embedding_dtype)
+
+
 def _sampling(rank, world_size, num_classes):
     x, labels, backbone, full_weight = _problem(world_size, num_classes, torch.float64, True)
     rows = slice(rank * LOCAL_BATCH, (rank + 1) * LOCAL_BATCH)
