@@ -157,6 +157,22 @@ def test_autocast_behaves_as_linear_then_cross_entropy():
     assert_close_scaled(g_weight, r_weight, grad_tol)
 
 
+def test_mixed_dtypes_need_autocast():
+    """16-bit embeddings (from an autocast backbone) with an fp32 weight: refused outside autocast,
+    computed in the autocast dtype inside it, each gradient in its own input's dtype."""
+    emb, weight, labels, _ = make_inputs(12, 30, 16)
+    emb = emb.to(torch.bfloat16).requires_grad_()
+    weight.requires_grad_()
+    with pytest.raises(TypeError, match="weight has dtype torch.float32 but embeddings has torch.bfloat16"):
+        cl.circle_loss(emb, weight, labels, backend="triton")
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        loss = cl.circle_loss(emb, weight, labels, backend="triton")
+    loss.backward()
+    assert loss.dtype == torch.float32 and emb.grad.dtype == torch.bfloat16 and weight.grad.dtype == torch.float32
+    expected = cl.circle_loss(to64(emb), to64(weight.to(torch.bfloat16)), labels, backend="reference")
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-2, atol=1e-2)
+
+
 def test_frozen_weight_and_frozen_embeddings(fused):
     emb, weight, labels, _ = make_inputs(9, 20, 8, device=device_for(fused))
     e64, w64 = emb.double().requires_grad_(), weight.double().requires_grad_()
