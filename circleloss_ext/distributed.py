@@ -109,9 +109,8 @@ class _ShardPartial:
             with torch.no_grad():
                 lse_pos, lse_neg = self._reference_lse(queries, keys, labels)
             return lse_pos, lse_neg, ()
-        _, lse_pos, lse_neg, inv_norm_q, inv_norm_k = ops.fused_forward(
-            queries, keys, labels, None, self.margin, self.gamma, False, self.backend)
-        return lse_pos, lse_neg, (inv_norm_q, inv_norm_k)
+        _, statistics = ops.forward_rows(queries, keys, labels, None, self.margin, self.gamma, False, self.backend)
+        return statistics.lse_pos, statistics.lse_neg, (statistics.inv_norm_q, statistics.inv_norm_k)
 
     def backward(self, grad_rows, queries, keys, labels, lse_pos, lse_neg, saved, need_keys):
         if self.backend == "reference":
@@ -123,10 +122,10 @@ class _ShardPartial:
                 part_pos, part_neg = self._reference_lse(q, k, labels)
                 surrogate = (row_scale * (torch.exp(part_pos - safe_pos) + torch.exp(part_neg - safe_neg))).sum()
                 return torch.autograd.grad(surrogate, (q, k))
-        inv_norm_q, inv_norm_k = saved
-        grad_q, grad_k = ops.fused_backward(
-            grad_rows, queries, keys, labels, None, inv_norm_q, inv_norm_k, lse_pos, lse_neg, self.margin,
-            self.gamma, False, self.detach_alpha, True, need_keys, self.backend)
+        # the shard's inverse norms with the global log-sum-exps: the shard's part of the global gradient
+        statistics = ops.RowStatistics(lse_pos, lse_neg, *saved)
+        grad_q, grad_k = ops.backward_rows(grad_rows, queries, keys, labels, None, statistics, self.margin, self.gamma,
+                                           False, self.detach_alpha, True, need_keys, self.backend)
         return grad_q, (grad_k if need_keys else None)
 
 

@@ -18,23 +18,23 @@ class FusedRows(torch.autograd.Function):
         exclude_self = keys is None
         if exclude_self:
             keys, key_labels = queries, query_labels
-        row_loss, lse_pos, lse_neg, inv_norm_q, inv_norm_k = ops.fused_forward(
-            queries, keys, query_labels, key_labels, margin, gamma, exclude_self, backend)
-        ctx.save_for_backward(queries, keys, query_labels, key_labels, inv_norm_q, inv_norm_k, lse_pos, lse_neg)
+        row_loss, statistics = ops.forward_rows(queries, keys, query_labels, key_labels, margin, gamma,
+                                                exclude_self, backend)
+        ctx.save_for_backward(queries, keys, query_labels, key_labels, *statistics.tensors())
         ctx.hyper = (margin, gamma, exclude_self, detach_alpha, backend)
-        has_loss = ops.rows_taking_part(lse_pos, lse_neg)
+        has_loss = statistics.takes_part()
         ctx.mark_non_differentiable(has_loss)
         return row_loss, has_loss
 
     @staticmethod
     def backward(ctx, grad_rows, _grad_has_loss):
-        queries, keys, query_labels, key_labels, inv_norm_q, inv_norm_k, lse_pos, lse_neg = ctx.saved_tensors
+        queries, keys, query_labels, key_labels, *statistics = ctx.saved_tensors
         margin, gamma, exclude_self, detach_alpha, backend = ctx.hyper
         need_queries = ctx.needs_input_grad[0]
         need_keys = need_queries if exclude_self else ctx.needs_input_grad[1]
-        grad_q, grad_k = ops.fused_backward(
-            grad_rows.float().contiguous(), queries, keys, query_labels, key_labels, inv_norm_q, inv_norm_k,
-            lse_pos, lse_neg, margin, gamma, exclude_self, detach_alpha, need_queries, need_keys, backend)
+        grad_q, grad_k = ops.backward_rows(
+            grad_rows.float().contiguous(), queries, keys, query_labels, key_labels, ops.RowStatistics(*statistics),
+            margin, gamma, exclude_self, detach_alpha, need_queries, need_keys, backend)
         if exclude_self:  # queries and keys are one tensor: both contributions land on its rows
             return grad_q + grad_k if need_queries else None, None, None, None, None, None, None, None
         return (grad_q if need_queries else None, grad_k if need_keys else None,

@@ -5,6 +5,7 @@ torch.compile trace models that use the loss without a graph break: the ops stay
 """
 import importlib.util
 import warnings
+from dataclasses import dataclass
 from typing import Optional, Protocol
 
 import torch
@@ -184,3 +185,38 @@ def _(grad_rows, queries, keys, query_labels, key_labels, inv_norm_q, inv_norm_k
     return (torch.empty_like(queries, memory_format=torch.contiguous_format) if need_queries
             else queries.new_empty(0),
             torch.empty_like(keys, memory_format=torch.contiguous_format) if need_keys else keys.new_empty(0))
+
+
+@dataclass(frozen=True)
+class RowStatistics:
+    """What a fused backward needs from its forward, per call: LP_i and LN_i (float32 (B,), -inf where
+    row i has no positive / negative) and the inverse norms 1/‖q_i‖ (B,) and 1/‖k_j‖ (N,). The custom ops
+    pass them as flat tensors (their schema); the autograd Functions hold them as this."""
+    lse_pos: Tensor
+    lse_neg: Tensor
+    inv_norm_q: Tensor
+    inv_norm_k: Tensor
+
+    def takes_part(self) -> Tensor:
+        return rows_taking_part(self.lse_pos, self.lse_neg)
+
+    def tensors(self) -> tuple[Tensor, ...]:
+        """In the order of the constructor's arguments (for ctx.save_for_backward)."""
+        return self.lse_pos, self.lse_neg, self.inv_norm_q, self.inv_norm_k
+
+
+def forward_rows(queries: Tensor, keys: Tensor, query_labels: Tensor, key_labels: Optional[Tensor], margin: float,
+                 gamma: float, exclude_self: bool, backend: str) -> tuple[Tensor, RowStatistics]:
+    """(L per row, its RowStatistics) through the fused_forward op."""
+    row_loss, *statistics = fused_forward(queries, keys, query_labels, key_labels, margin, gamma, exclude_self,
+                                          backend)
+    return row_loss, RowStatistics(*statistics)
+
+
+def backward_rows(grad_rows: Tensor, queries: Tensor, keys: Tensor, query_labels: Tensor, key_labels: Optional[Tensor],
+                  statistics: RowStatistics, margin: float, gamma: float, exclude_self: bool, detach_alpha: bool,
+                  need_queries: bool, need_keys: bool, backend: str) -> tuple[Tensor, Tensor]:
+    """(∂L/∂queries, ∂L/∂keys) through the fused_backward op, from forward's statistics."""
+    return fused_backward(grad_rows, queries, keys, query_labels, key_labels, statistics.inv_norm_q,
+                          statistics.inv_norm_k, statistics.lse_pos, statistics.lse_neg, margin, gamma, exclude_self,
+                          detach_alpha, need_queries, need_keys, backend)
