@@ -1,13 +1,13 @@
 """Public functions: validation, autocast, backend dispatch and the reduction."""
-from typing import Literal, Optional
+from typing import Literal, Optional, Union
 
 import torch
 from torch import Tensor
 
 from . import reference
 from .function import FusedRows
-from .ops import resolve_backend
-from .validation import (as_index_labels, check_hyperparameters, check_ignore_index, check_label_values,
+from .ops import resolve_backend, top1_accuracy
+from .validation import (as_index_labels, check_bool, check_hyperparameters, check_ignore_index, check_label_values,
                          check_labels, check_matrix, check_same)
 
 Reduction = Literal["none", "sum", "mean"]
@@ -41,22 +41,32 @@ def _reduce(row_loss, has_loss, reduction, dtype):
     return total.to(dtype)
 
 
-def _rows(backend, queries, keys, query_labels, key_labels, margin, gamma, exclude_self, detach_alpha):
-    """(L, has_loss) per row; key_labels None means class-level keys (b_j = j)."""
+def _rows(backend, queries, keys, query_labels, key_labels, margin, gamma, exclude_self, detach_alpha, track_top1):
+    """(L, has_loss, top) per row; key_labels None means class-level keys (b_j = j); top (2, B) is each
+    row's largest positive and negative similarity with track_top1, else empty."""
     if backend == "reference":
         if key_labels is None:
             key_labels = torch.arange(keys.shape[0], device=keys.device)
-        return reference.circle_loss_rows(queries, keys, query_labels, key_labels, margin=margin, gamma=gamma,
-                                          exclude_self=exclude_self, detach_alpha=detach_alpha)
+        row_loss, has_loss = reference.circle_loss_rows(queries, keys, query_labels, key_labels, margin=margin,
+                                                        gamma=gamma, exclude_self=exclude_self,
+                                                        detach_alpha=detach_alpha)
+        top = reference.nearest_similarities(queries, keys, query_labels, key_labels, exclude_self=exclude_self) \
+            if track_top1 else row_loss.new_empty(0)
+        return row_loss, has_loss, top
     if exclude_self:
         keys, key_labels = None, None
     return FusedRows.apply(queries, keys, query_labels, key_labels, float(margin), float(gamma), detach_alpha,
-                           backend)
+                           backend, track_top1)
+
+
+def _result(row_loss, has_loss, top, reduction, dtype, with_accuracy):
+    loss = _reduce(row_loss, has_loss, reduction, dtype)
+    return (loss, top1_accuracy(top, has_loss)) if with_accuracy else loss
 
 
 def circle_loss(embeddings: Tensor, weight: Tensor, labels: Tensor, *, m: float = 0.25, gamma: float = 256.0,
                 reduction: Reduction = "mean", detach_alpha: bool = True, ignore_index: int = -100,
-                backend: Backend = "auto") -> Tensor:
+                backend: Backend = "auto", with_accuracy: bool = False) -> Union[Tensor, tuple[Tensor, Tensor]]:
     """Circle Loss with class-level labels: embeddings (B, D) against the class matrix W = weight (C, D).
 
     Both are unnormalised (normalised inside); fp16, bf16, fp32 or fp64, of one dtype (any two under
@@ -68,6 +78,9 @@ def circle_loss(embeddings: Tensor, weight: Tensor, labels: Tensor, *, m: float 
     False gives the true derivative. backend: "auto" (triton for CUDA tensors, cpu for CPU tensors),
     "triton" (the fused Triton kernels), "cpu" (the fused C++ path) or "reference" (the naive
     formulation); float64 always runs the reference.
+    with_accuracy=True returns (loss, accuracy): accuracy (float32, no gradient) is the share of the
+    rows that take part whose own class has the highest cosine (argmax over all C classes, ties
+    counted as misses), computed inside the forward at O(B) extra memory.
     """
     check_matrix("embeddings", embeddings)
     check_matrix("weight", weight, embeddings.shape[1])
@@ -76,25 +89,29 @@ def circle_loss(embeddings: Tensor, weight: Tensor, labels: Tensor, *, m: float 
     check_same("labels", labels, "embeddings", embeddings, dtype=False)
     check_hyperparameters(m, gamma, reduction, backend, detach_alpha)
     check_ignore_index(ignore_index)
+    check_bool("with_accuracy", with_accuracy)
     labels = as_index_labels(labels)
     (embeddings, weight), out_dtype = _autocast(embeddings, weight)
     run = resolve_backend(backend, embeddings)
     check_label_values(labels, weight.shape[0], ignore_index)
     if 0 <= ignore_index < weight.shape[0]:  # an in-range ignore_index must not match its class
         labels = labels.masked_fill(labels == ignore_index, -1)
-    row_loss, has_loss = _rows(run, embeddings, weight, labels, None, m, gamma, False, detach_alpha)
-    return _reduce(row_loss, has_loss, reduction, out_dtype)
+    row_loss, has_loss, top = _rows(run, embeddings, weight, labels, None, m, gamma, False, detach_alpha,
+                                    with_accuracy)
+    return _result(row_loss, has_loss, top, reduction, out_dtype, with_accuracy)
 
 
 def pairwise_circle_loss(embeddings: Tensor, labels: Tensor, *, ref_embeddings: Optional[Tensor] = None,
                          ref_labels: Optional[Tensor] = None, m: float = 0.4, gamma: float = 80.0,
                          reduction: Reduction = "mean", detach_alpha: bool = True,
-                         backend: Backend = "auto") -> Tensor:
+                         backend: Backend = "auto", with_accuracy: bool = False) -> Union[Tensor, tuple[Tensor, Tensor]]:
     """Circle Loss with pair-wise labels: each embedding against the others of the batch (the pair
     (i, i) left out) or against a reference set (ref_embeddings (N, D), ref_labels (N,), e.g. a
     cross-batch memory). Positives share the label, negatives do not; rows without a positive or
     a negative have no loss (0 under "none", not counted by "mean"). Labels are int64 or int32.
     Other arguments and the backends ("auto", "triton", "cpu", "reference") as circle_loss.
+    with_accuracy=True returns (loss, accuracy): the share of the rows that take part whose nearest
+    key (highest cosine) shares their label, i.e. retrieval precision at 1.
     """
     check_matrix("embeddings", embeddings)
     check_labels("labels", labels, embeddings.shape[0], "embeddings")
@@ -108,6 +125,7 @@ def pairwise_circle_loss(embeddings: Tensor, labels: Tensor, *, ref_embeddings: 
         check_labels("ref_labels", ref_labels, ref_embeddings.shape[0], "ref_embeddings")
         check_same("ref_labels", ref_labels, "embeddings", embeddings, dtype=False)
     check_hyperparameters(m, gamma, reduction, backend, detach_alpha)
+    check_bool("with_accuracy", with_accuracy)
     labels = as_index_labels(labels)
     exclude_self = ref_embeddings is None
     if exclude_self:
@@ -117,9 +135,9 @@ def pairwise_circle_loss(embeddings: Tensor, labels: Tensor, *, ref_embeddings: 
     if exclude_self:
         ref_embeddings = embeddings
     run = resolve_backend(backend, embeddings)
-    row_loss, has_loss = _rows(run, embeddings, ref_embeddings, labels, ref_labels, m, gamma, exclude_self,
-                               detach_alpha)
-    return _reduce(row_loss, has_loss, reduction, out_dtype)
+    row_loss, has_loss, top = _rows(run, embeddings, ref_embeddings, labels, ref_labels, m, gamma, exclude_self,
+                                    detach_alpha, with_accuracy)
+    return _result(row_loss, has_loss, top, reduction, out_dtype, with_accuracy)
 
 
 def set_workspace_limit(nbytes: int) -> None:

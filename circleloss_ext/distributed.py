@@ -20,8 +20,8 @@ from torch import Tensor, nn
 from . import ops, reference
 from .api import Backend
 from .ops import resolve_backend
-from .validation import (LABEL_DTYPES, as_index_labels, check_hyperparameters, check_ignore_index, check_matrix,
-                         check_positive_int)
+from .validation import (LABEL_DTYPES, as_index_labels, check_bool, check_hyperparameters, check_ignore_index,
+                         check_matrix, check_positive_int)
 
 _NEG_INF = float("-inf")
 
@@ -104,13 +104,18 @@ class _ShardPartial:
                                     margin=self.margin, gamma=self.gamma, exclude_self=False,
                                     detach_alpha=self.detach_alpha)
 
-    def forward(self, queries, keys, labels):
+    def forward(self, queries, keys, labels, track_top1):
+        """(LP^r, LN^r, what backward needs, top^r): the shard's partial statistics; top^r (2, B) the
+        largest positive and negative similarity within the shard with track_top1, else empty."""
         if self.backend == "reference":
             with torch.no_grad():
                 lse_pos, lse_neg = self._reference_lse(queries, keys, labels)
-            return lse_pos, lse_neg, ()
-        _, statistics = ops.forward_rows(queries, keys, labels, None, self.margin, self.gamma, False, self.backend)
-        return statistics.lse_pos, statistics.lse_neg, (statistics.inv_norm_q, statistics.inv_norm_k)
+            top = reference.nearest_similarities(queries, keys, labels, torch.arange(keys.shape[0], device=keys.device),
+                                                 exclude_self=False) if track_top1 else lse_pos.new_empty(0)
+            return lse_pos, lse_neg, (), top
+        _, statistics, top = ops.forward_rows(queries, keys, labels, None, self.margin, self.gamma, False, self.backend,
+                                              track_top1)
+        return statistics.lse_pos, statistics.lse_neg, (statistics.inv_norm_q, statistics.inv_norm_k), top
 
     def backward(self, grad_rows, queries, keys, labels, lse_pos, lse_neg, saved, need_keys):
         if self.backend == "reference":
@@ -133,24 +138,30 @@ class _ShardedCircleLossFunction(torch.autograd.Function):
     """Circle Loss of the gathered batch; see ShardedCircleLoss for the reductions and the gradient contract."""
 
     @staticmethod
-    def forward(ctx, local_embeddings, keys, labels, partial, group, rank, world_size, reduction):
-        """labels: the gathered batch's labels as indices into keys (-1 for classes outside them)."""
+    def forward(ctx, local_embeddings, keys, labels, partial, group, rank, world_size, reduction, track_top1):
+        """(the loss, the global batch's top-1 accuracy or an empty tensor); labels: the gathered batch's
+        labels as indices into keys (-1 for classes outside them)."""
         queries = _all_gather(local_embeddings, group, world_size)
-        part_pos, part_neg, saved = partial.forward(queries, keys, labels)
+        part_pos, part_neg, saved, top = partial.forward(queries, keys, labels, track_top1)
         lse_pos = _all_reduce_lse(part_pos, group)
         lse_neg = _all_reduce_lse(part_neg, group)
         takes_part = ops.rows_taking_part(lse_pos, lse_neg)
+        accuracy = top.new_empty(0)
+        if track_top1:  # the nearest class over all shards
+            dist.all_reduce(top, op=dist.ReduceOp.MAX, group=group)
+            accuracy = ops.top1_accuracy(top, takes_part)
+        ctx.mark_non_differentiable(accuracy)
         row_loss = torch.where(takes_part, F.softplus(lse_pos + lse_neg), 0.0)
         count = takes_part.sum().clamp_min(1)
         ctx.save_for_backward(queries, keys, labels, lse_pos, lse_neg, count, *saved)
         ctx.partial, ctx.group, ctx.rank, ctx.world_size, ctx.reduction = partial, group, rank, world_size, reduction
         if reduction == "none":
             rows = local_embeddings.shape[0]
-            return row_loss[rank * rows:(rank + 1) * rows]
-        return row_loss.sum() / count if reduction == "mean" else row_loss.sum()
+            return row_loss[rank * rows:(rank + 1) * rows], accuracy
+        return row_loss.sum() / count if reduction == "mean" else row_loss.sum(), accuracy
 
     @staticmethod
-    def backward(ctx, grad_out):
+    def backward(ctx, grad_out, _grad_accuracy):
         queries, keys, labels, lse_pos, lse_neg, count, *saved = ctx.saved_tensors
         if ctx.reduction == "none":  # each rank's upstream gradients of its own rows, for every shard
             grad_rows = _all_gather(grad_out.to(lse_pos.dtype), ctx.group, ctx.world_size)
@@ -162,7 +173,7 @@ class _ShardedCircleLossFunction(torch.autograd.Function):
         # every shard's part of dL/dq, summed, each rank receiving its own rows; times W because DDP
         # then averages the backbone's gradients over the ranks
         grad_local = _sum_own_rows(grad_q, ctx.group, ctx.world_size) * ctx.world_size
-        return grad_local, grad_k, None, None, None, None, None, None
+        return grad_local, grad_k, None, None, None, None, None, None, None
 
 
 class ShardedCircleLoss(nn.Module):
@@ -198,11 +209,16 @@ class ShardedCircleLoss(nn.Module):
     positives, decided by the gathered labels, are the same on every rank. The initial rows (nn.Linear's
     initialisation) are drawn from (seed, rank) too, so shards differ from each other.
 
+    track_accuracy=True keeps `last_accuracy` (float32, no gradient): the share of the global batch's rows
+    whose own class has the highest cosine among all classes of all shards, from the fused forward
+    (O(B) more memory, one all-reduce of 2·B floats).
+
     backend: "auto" (triton for CUDA tensors, cpu for CPU tensors, the reference for float64),
     "triton", "cpu" or "reference". Works over NCCL with CUDA tensors and gloo with CPU tensors.
 
     Construction is collective: every rank must construct the module, with the same num_classes,
-    embedding_dim, m, gamma, sample_rate, detach_alpha, reduction, ignore_index, backend, dtype and device type (checked by
+    embedding_dim, m, gamma, sample_rate, detach_alpha, reduction, ignore_index, track_accuracy, backend, dtype and
+    device type (checked by
     one all-gather; any mismatch or bad argument raises the same error on every rank). Every forward
     is collective too: a rank that skips one leaves the others waiting for the process group's
     timeout (docs/distributed.md).
@@ -210,8 +226,9 @@ class ShardedCircleLoss(nn.Module):
 
     def __init__(self, num_classes: int, embedding_dim: int, *, process_group: Optional[dist.ProcessGroup] = None,
                  m: float = 0.25, gamma: float = 256.0, sample_rate: float = 1.0, detach_alpha: bool = True,
-                 reduction: str = "mean", ignore_index: int = -100, backend: Backend = "auto", seed: int = 0,
-                 device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = None) -> None:
+                 reduction: str = "mean", ignore_index: int = -100, track_accuracy: bool = False,
+                 backend: Backend = "auto", seed: int = 0, device: Optional[torch.device] = None,
+                 dtype: Optional[torch.dtype] = None) -> None:
         super().__init__()
         if not (dist.is_available() and dist.is_initialized()):
             raise RuntimeError("ShardedCircleLoss needs an initialised process group: call "
@@ -222,14 +239,16 @@ class ShardedCircleLoss(nn.Module):
         factory = torch.empty(0, device=device, dtype=dtype)  # where and how the rows will be made
         settings = dict(num_classes=num_classes, embedding_dim=embedding_dim, m=m, gamma=gamma,
                         sample_rate=sample_rate, detach_alpha=detach_alpha, reduction=reduction,
-                        ignore_index=ignore_index, backend=backend, dtype=str(factory.dtype),
+                        ignore_index=ignore_index, track_accuracy=track_accuracy, backend=backend,
+                        dtype=str(factory.dtype),
                         device_type=factory.device.type)
         self._agree_across_ranks(settings)
         self.num_classes, self.embedding_dim = num_classes, embedding_dim
         self.class_start, self.class_stop = shard_range(num_classes, self.world_size, self.rank)
         self.m, self.gamma, self.sample_rate, self.detach_alpha, self.backend = m, gamma, sample_rate, detach_alpha, \
             backend
-        self.reduction, self.ignore_index = reduction, ignore_index
+        self.reduction, self.ignore_index, self.track_accuracy = reduction, ignore_index, track_accuracy
+        self.last_accuracy = None
         self.weight = nn.Parameter(torch.empty(self.class_stop - self.class_start, embedding_dim, device=device,
                                                dtype=dtype))
         self.seed = seed
@@ -239,9 +258,10 @@ class ShardedCircleLoss(nn.Module):
         self.last_sampled = None
 
     def _check_settings(self, num_classes, embedding_dim, m, gamma, sample_rate, detach_alpha, reduction,
-                        ignore_index, backend, **_):
+                        ignore_index, track_accuracy, backend, **_):
         check_hyperparameters(m, gamma, reduction, backend, detach_alpha)
         check_ignore_index(ignore_index)
+        check_bool("track_accuracy", track_accuracy)
         check_positive_int("embedding_dim", embedding_dim)
         if isinstance(sample_rate, bool) or not (isinstance(sample_rate, (int, float)) and 0 < sample_rate <= 1):
             raise ValueError(f"sample_rate must lie in (0, 1], got {sample_rate!r}")
@@ -336,8 +356,11 @@ class ShardedCircleLoss(nn.Module):
             local_embeddings, keys = local_embeddings.to(dtype), keys.to(dtype)
         partial = _ShardPartial(resolve_backend(self.backend, local_embeddings), float(self.m), float(self.gamma),
                                 self.detach_alpha)
-        return _ShardedCircleLossFunction.apply(local_embeddings, keys, shard_labels, partial, self.group, self.rank,
-                                                self.world_size, self.reduction)
+        loss, accuracy = _ShardedCircleLossFunction.apply(local_embeddings, keys, shard_labels, partial, self.group,
+                                                          self.rank, self.world_size, self.reduction,
+                                                          self.track_accuracy)
+        self.last_accuracy = accuracy if self.track_accuracy else None
+        return loss
 
     def shard_state(self) -> dict:
         """This rank's part of a checkpoint: its rows and where they sit in the full class matrix."""

@@ -14,31 +14,33 @@ class FusedRows(torch.autograd.Function):
     Arguments and results: see CircleLossFunction."""
 
     @staticmethod
-    def forward(ctx, queries, keys, query_labels, key_labels, margin, gamma, detach_alpha, backend):
+    def forward(ctx, queries, keys, query_labels, key_labels, margin, gamma, detach_alpha, backend, track_top1=False):
+        """(L, has_loss, top): top (2, B) is each row's largest positive and negative similarity with
+        track_top1, else empty."""
         exclude_self = keys is None
         if exclude_self:
             keys, key_labels = queries, query_labels
-        row_loss, statistics = ops.forward_rows(queries, keys, query_labels, key_labels, margin, gamma,
-                                                exclude_self, backend)
+        row_loss, statistics, top = ops.forward_rows(queries, keys, query_labels, key_labels, margin, gamma,
+                                                     exclude_self, backend, track_top1)
         ctx.save_for_backward(queries, keys, query_labels, key_labels, *statistics.tensors())
         ctx.hyper = (margin, gamma, exclude_self, detach_alpha, backend)
         has_loss = statistics.takes_part()
-        ctx.mark_non_differentiable(has_loss)
-        return row_loss, has_loss
+        ctx.mark_non_differentiable(has_loss, top)
+        return row_loss, has_loss, top
 
     @staticmethod
-    def backward(ctx, grad_rows, _grad_has_loss):
+    def backward(ctx, grad_rows, *_grads_of_the_outputs_without_one):
         queries, keys, query_labels, key_labels, *statistics = ctx.saved_tensors
         margin, gamma, exclude_self, detach_alpha, backend = ctx.hyper
         need_queries = ctx.needs_input_grad[0]
         need_keys = need_queries if exclude_self else ctx.needs_input_grad[1]
+        non_tensors = (None,) * (len(ctx.needs_input_grad) - 2)  # labels, settings (CircleLossFunction takes fewer)
         grad_q, grad_k = ops.backward_rows(
             grad_rows.float().contiguous(), queries, keys, query_labels, key_labels, ops.RowStatistics(*statistics),
             margin, gamma, exclude_self, detach_alpha, need_queries, need_keys, backend)
         if exclude_self:  # queries and keys are one tensor: both contributions land on its rows
-            return grad_q + grad_k if need_queries else None, None, None, None, None, None, None, None
-        return (grad_q if need_queries else None, grad_k if need_keys else None,
-                None, None, None, None, None, None)
+            return (grad_q + grad_k if need_queries else None, None, *non_tensors)
+        return (grad_q if need_queries else None, grad_k if need_keys else None, *non_tensors)
 
 
 class CircleLossFunction(FusedRows):
@@ -68,5 +70,6 @@ class CircleLossFunction(FusedRows):
         check_function_arguments(queries, keys, query_labels, key_labels, margin, gamma, detach_alpha, backend)
         ops.check_backend_runs(backend, queries)
         key_labels = None if key_labels is None else as_index_labels(key_labels)
-        return FusedRows.forward(ctx, queries, keys, as_index_labels(query_labels), key_labels, float(margin),
-                                 float(gamma), detach_alpha, backend)
+        row_loss, has_loss, _ = FusedRows.forward(ctx, queries, keys, as_index_labels(query_labels), key_labels,
+                                                  float(margin), float(gamma), detach_alpha, backend)
+        return row_loss, has_loss

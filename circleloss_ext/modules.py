@@ -11,7 +11,15 @@ import torch
 from torch import Tensor, nn
 
 from .api import Backend, Reduction, circle_loss, pairwise_circle_loss
-from .validation import check_hyperparameters, check_ignore_index, check_positive_int
+from .validation import check_bool, check_hyperparameters, check_ignore_index, check_positive_int
+
+
+def _keep_accuracy(module: nn.Module, result):
+    """The loss; with track_accuracy the accuracy that came with it goes to module.last_accuracy."""
+    if not module.track_accuracy:
+        return result
+    loss, module.last_accuracy = result
+    return loss
 
 
 class CircleLoss(nn.Module):
@@ -19,14 +27,15 @@ class CircleLoss(nn.Module):
     initialised as nn.Linear's weight is. forward(embeddings (B, D), labels int64 or int32 (B,)).
 
     m, gamma, reduction, detach_alpha, ignore_index and backend ("auto", "triton", "cpu",
-    "reference") mean what they mean for circle_loss. For pair-wise labels (metric learning, no class
-    matrix) use PairwiseCircleLoss.
+    "reference") mean what they mean for circle_loss. track_accuracy=True keeps `last_accuracy`, the
+    batch's top-1 accuracy (circle_loss's with_accuracy). For pair-wise labels (metric learning, no
+    class matrix) use PairwiseCircleLoss.
     """
 
     def __init__(self, num_classes: Optional[int] = None, embedding_dim: Optional[int] = None, *, m: float = 0.25,
                  gamma: float = 256.0, reduction: Reduction = "mean", detach_alpha: bool = True,
-                 ignore_index: int = -100, backend: Backend = "auto", device: Optional[torch.device] = None,
-                 dtype: Optional[torch.dtype] = None) -> None:
+                 ignore_index: int = -100, backend: Backend = "auto", track_accuracy: bool = False,
+                 device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = None) -> None:
         super().__init__()
         if num_classes is None or embedding_dim is None:
             raise TypeError("CircleLoss is the class-level head: it owns the class matrix W and needs "
@@ -37,7 +46,9 @@ class CircleLoss(nn.Module):
         check_positive_int("embedding_dim", embedding_dim)
         check_hyperparameters(m, gamma, reduction, backend, detach_alpha)
         check_ignore_index(ignore_index)
+        check_bool("track_accuracy", track_accuracy)
         self.num_classes, self.embedding_dim = num_classes, embedding_dim
+        self.track_accuracy, self.last_accuracy = track_accuracy, None
         self.m, self.gamma, self.reduction, self.detach_alpha = m, gamma, reduction, detach_alpha
         self.ignore_index, self.backend = ignore_index, backend
         self.weight = nn.Parameter(torch.empty(num_classes, embedding_dim, device=device, dtype=dtype))
@@ -47,8 +58,10 @@ class CircleLoss(nn.Module):
         nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))  # nn.Linear's initialisation
 
     def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
-        return circle_loss(embeddings, self.weight, labels, m=self.m, gamma=self.gamma, reduction=self.reduction,
-                           detach_alpha=self.detach_alpha, ignore_index=self.ignore_index, backend=self.backend)
+        result = circle_loss(embeddings, self.weight, labels, m=self.m, gamma=self.gamma, reduction=self.reduction,
+                             detach_alpha=self.detach_alpha, ignore_index=self.ignore_index, backend=self.backend,
+                             with_accuracy=self.track_accuracy)
+        return _keep_accuracy(self, result)
 
     def extra_repr(self) -> str:
         return (f"num_classes={self.num_classes}, embedding_dim={self.embedding_dim}, m={self.m!r}, "
@@ -61,21 +74,25 @@ class PairwiseCircleLoss(nn.Module):
     forward(embeddings, labels, ref_emb=None, ref_labels=None); labels int64 or int32.
 
     m, gamma, reduction, detach_alpha and backend ("auto", "triton", "cpu", "reference") mean what
-    they mean for pairwise_circle_loss.
+    they mean for pairwise_circle_loss. track_accuracy=True keeps `last_accuracy`, the share of rows
+    whose nearest key shares their label (precision at 1).
     """
 
     def __init__(self, *, m: float = 0.4, gamma: float = 80.0, reduction: Reduction = "mean",
-                 detach_alpha: bool = True, backend: Backend = "auto") -> None:
+                 detach_alpha: bool = True, backend: Backend = "auto", track_accuracy: bool = False) -> None:
         super().__init__()
         check_hyperparameters(m, gamma, reduction, backend, detach_alpha)
+        check_bool("track_accuracy", track_accuracy)
         self.m, self.gamma, self.reduction, self.detach_alpha, self.backend = m, gamma, reduction, detach_alpha, \
             backend
+        self.track_accuracy, self.last_accuracy = track_accuracy, None
 
     def forward(self, embeddings: Tensor, labels: Tensor, ref_emb: Optional[Tensor] = None,
                 ref_labels: Optional[Tensor] = None) -> Tensor:
-        return pairwise_circle_loss(embeddings, labels, ref_embeddings=ref_emb, ref_labels=ref_labels, m=self.m,
-                                    gamma=self.gamma, reduction=self.reduction, detach_alpha=self.detach_alpha,
-                                    backend=self.backend)
+        result = pairwise_circle_loss(embeddings, labels, ref_embeddings=ref_emb, ref_labels=ref_labels, m=self.m,
+                                      gamma=self.gamma, reduction=self.reduction, detach_alpha=self.detach_alpha,
+                                      backend=self.backend, with_accuracy=self.track_accuracy)
+        return _keep_accuracy(self, result)
 
     def extra_repr(self) -> str:
         return (f"m={self.m!r}, gamma={self.gamma!r}, reduction={self.reduction!r}, "

@@ -85,9 +85,11 @@ class FusedBackend(Protocol):
 
     def circle_forward(self, queries: Tensor, keys: Tensor, query_labels: Tensor, key_labels: Optional[Tensor],
                        inv_norm_q: Tensor, inv_norm_k: Tensor, margin: float, gamma: float,
-                       exclude_self: bool) -> tuple[Tensor, Tensor]:
-        """(LP, LN) float32 (B,): log-sum-exps of each row's positive and negative logits, -inf where
-        the row has none; exclude_self: keys are the queries and (i, i) is no pair."""
+                       exclude_self: bool, track_top1: bool) -> tuple[Tensor, Tensor, Tensor]:
+        """(LP, LN, top): LP, LN float32 (B,), log-sum-exps of each row's positive and negative logits,
+        -inf where the row has none; exclude_self: keys are the queries and (i, i) is no pair. With
+        track_top1, top float32 (2, B) holds each row's largest positive and largest negative
+        similarity (-inf where none); else an empty tensor."""
 
     def circle_backward(self, grad_rows: Tensor, queries: Tensor, keys: Tensor, query_labels: Tensor,
                         key_labels: Optional[Tensor], inv_norm_q: Tensor, inv_norm_k: Tensor, lse_pos: Tensor,
@@ -132,25 +134,27 @@ def _check_sizes(queries: Tensor, keys: Tensor, query_labels: Tensor, key_labels
 
 @torch.library.custom_op("circleloss_ext::fused_forward", mutates_args=())
 def fused_forward(queries: Tensor, keys: Tensor, query_labels: Tensor, key_labels: Optional[Tensor],
-                  margin: float, gamma: float, exclude_self: bool,
-                  backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(L, LP, LN, inv_norm_q, inv_norm_k), all float32: per-row loss (0 for a row that takes no
-    part, whatever its values) and the statistics backward needs."""
+                  margin: float, gamma: float, exclude_self: bool, track_top1: bool,
+                  backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(L, LP, LN, inv_norm_q, inv_norm_k, top), all float32: per-row loss (0 for a row that takes no
+    part, whatever its values), the statistics backward needs, and with track_top1 each row's largest
+    positive and negative similarity (2, B) (empty otherwise)."""
     _check_sizes(queries, keys, query_labels, key_labels, exclude_self)
     impl = _kernels(backend)
     inv_norm_q = impl.inverse_norms(queries)
     inv_norm_k = inv_norm_q.clone() if exclude_self else impl.inverse_norms(keys)
-    lse_pos, lse_neg = impl.circle_forward(queries, keys, query_labels, key_labels, inv_norm_q, inv_norm_k,
-                                           margin, gamma, exclude_self)
+    lse_pos, lse_neg, top = impl.circle_forward(queries, keys, query_labels, key_labels, inv_norm_q, inv_norm_k,
+                                                margin, gamma, exclude_self, track_top1)
     row_loss = torch.where(rows_taking_part(lse_pos, lse_neg), F.softplus(lse_pos + lse_neg), 0.0)
-    return row_loss, lse_pos, lse_neg, inv_norm_q, inv_norm_k
+    return row_loss, lse_pos, lse_neg, inv_norm_q, inv_norm_k, top
 
 
 @fused_forward.register_fake
-def _(queries, keys, query_labels, key_labels, margin, gamma, exclude_self, backend):
+def _(queries, keys, query_labels, key_labels, margin, gamma, exclude_self, track_top1, backend):
     rows = queries.new_empty(queries.shape[0], dtype=torch.float32)
+    top = queries.new_empty((2, queries.shape[0]) if track_top1 else (0,), dtype=torch.float32)
     return rows, torch.empty_like(rows), torch.empty_like(rows), torch.empty_like(rows), \
-        keys.new_empty(keys.shape[0], dtype=torch.float32)
+        keys.new_empty(keys.shape[0], dtype=torch.float32), top
 
 
 @torch.library.custom_op("circleloss_ext::fused_backward", mutates_args=())
@@ -206,11 +210,19 @@ class RowStatistics:
 
 
 def forward_rows(queries: Tensor, keys: Tensor, query_labels: Tensor, key_labels: Optional[Tensor], margin: float,
-                 gamma: float, exclude_self: bool, backend: str) -> tuple[Tensor, RowStatistics]:
-    """(L per row, its RowStatistics) through the fused_forward op."""
-    row_loss, *statistics = fused_forward(queries, keys, query_labels, key_labels, margin, gamma, exclude_self,
-                                          backend)
-    return row_loss, RowStatistics(*statistics)
+                 gamma: float, exclude_self: bool, backend: str,
+                 track_top1: bool = False) -> tuple[Tensor, RowStatistics, Tensor]:
+    """(L per row, its RowStatistics, top (2, B) or empty) through the fused_forward op."""
+    row_loss, *statistics, top = fused_forward(queries, keys, query_labels, key_labels, margin, gamma, exclude_self,
+                                               track_top1, backend)
+    return row_loss, RowStatistics(*statistics), top
+
+
+def top1_accuracy(top: Tensor, takes_part: Tensor) -> Tensor:
+    """float32 (): the share of the rows taking part whose nearest key is a positive (top[0] > top[1]:
+    the largest positive similarity beats every negative one); 0 when no row takes part."""
+    correct = (top[0] > top[1]) & takes_part
+    return correct.sum().float() / takes_part.sum().clamp_min(1).float()
 
 
 def backward_rows(grad_rows: Tensor, queries: Tensor, keys: Tensor, query_labels: Tensor, key_labels: Optional[Tensor],

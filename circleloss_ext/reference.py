@@ -34,6 +34,19 @@ def rows_with_positive_and_negative(query_labels, key_labels, exclude_self):
     return (positives > 0) & (negatives > 0)
 
 
+def nearest_similarities(queries, keys, query_labels, key_labels, *, exclude_self):
+    """(2, B): each row's largest positive and largest negative similarity (-inf where it has none),
+    from the materialised S; for top-1 accuracy. No gradient."""
+    with torch.no_grad():
+        s = cosine_similarities(queries, keys).float()
+        same_label = query_labels[:, None] == key_labels[None, :]
+        is_pair = torch.ones_like(same_label)
+        if exclude_self:
+            is_pair.fill_diagonal_(False)
+        return torch.stack([s.masked_fill(~(is_pair & same_label), float("-inf")).amax(dim=1),
+                            s.masked_fill(~(is_pair & ~same_label), float("-inf")).amax(dim=1)])
+
+
 def circle_lse(queries, keys, query_labels, key_labels, *, margin, gamma, exclude_self, detach_alpha):
     """(LP, LN): the log-sum-exps of each row's positive and negative logits (-inf where there is
     none), by the paper's equations on a materialised S."""

@@ -273,12 +273,18 @@ static at::Tensor combine_splits(const at::Tensor& partial) {
   return out;
 }
 
-// (LP, LN): float32 (B,) log-sum-exps of each row's positive and negative logits (-inf if none).
-std::tuple<at::Tensor, at::Tensor> circle_forward(const at::Tensor& queries, const at::Tensor& keys,
-                                                  const at::Tensor& query_labels,
-                                                  const std::optional<at::Tensor>& key_labels,
-                                                  const at::Tensor& inv_norm_q, const at::Tensor& inv_norm_k,
-                                                  double margin, double gamma, bool exclude_self) {
+// max_p partial[.., p, i] over the splits p, in split order.
+static at::Tensor max_over_splits(const at::Tensor& partial) { return std::get<0>(partial.max(1)); }
+
+// (LP, LN, top): float32 (B,) log-sum-exps of each row's positive and negative logits (-inf if none);
+// with track_top1, top (2, B) holds each row's largest positive and largest negative similarity
+// (-inf if none), else it is empty.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> circle_forward(const at::Tensor& queries, const at::Tensor& keys,
+                                                              const at::Tensor& query_labels,
+                                                              const std::optional<at::Tensor>& key_labels,
+                                                              const at::Tensor& inv_norm_q,
+                                                              const at::Tensor& inv_norm_k, double margin,
+                                                              double gamma, bool exclude_self, bool track_top1) {
   check_problem(queries, keys, query_labels, key_labels, inv_norm_q, inv_norm_k, exclude_self);
   const Problem pb(queries, keys, query_labels, key_labels, inv_norm_q, inv_norm_k, exclude_self);
   const Epilogue ep{static_cast<float>(margin), static_cast<float>(gamma), true};
@@ -286,6 +292,9 @@ std::tuple<at::Tensor, at::Tensor> circle_forward(const at::Tensor& queries, con
   at::Tensor partial = at::empty({2, pb.splits, B}, at::TensorOptions().dtype(at::kFloat));
   float* partial_pos = partial.data_ptr<float>();
   float* partial_neg = partial_pos + pb.splits * B;
+  at::Tensor top_partial = at::full({2, track_top1 ? pb.splits : 0, B}, kNegInf, at::TensorOptions().dtype(at::kFloat));
+  float* top_pos = top_partial.data_ptr<float>();
+  float* top_neg = top_pos + (track_top1 ? pb.splits * B : 0);
   const int64_t* a = pb.query_labels.data_ptr<int64_t>();
 
   for_each_split(pb, [&](int64_t p, const at::Tensor& k_buf, const at::Tensor& s_buf) {
@@ -305,12 +314,22 @@ std::tuple<at::Tensor, at::Tensor> circle_forward(const at::Tensor& queries, con
       for (int64_t i = 0; i < B; ++i) {
         const float* s = S + i * ld;
         vfloat tile_max_pos = splat(kNegInf), tile_max_neg = splat(kNegInf);
+        vfloat tile_top_pos = splat(kNegInf), tile_top_neg = splat(kNegInf);
         for (int64_t jj = 0; jj < n; jj += kLanes) {
           const LaneMasks lanes = lane_masks(b, jj, n, a[i], in_batch, j0, i);
-          const vfloat logit = lanes.pair ? ep.logit(load<vfloat>(s + jj), lanes.pos) : splat(kNegInf);
+          const vfloat sim = load<vfloat>(s + jj);
+          const vfloat logit = lanes.pair ? ep.logit(sim, lanes.pos) : splat(kNegInf);
           store(z + jj, logit);
           tile_max_pos = vmax(tile_max_pos, lanes.pos ? logit : splat(kNegInf));
           tile_max_neg = vmax(tile_max_neg, lanes.pos ? splat(kNegInf) : logit);
+          if (track_top1) {  // the nearest positive and negative, as cosines
+            tile_top_pos = vmax(tile_top_pos, (lanes.pair & lanes.pos) ? sim : splat(kNegInf));
+            tile_top_neg = vmax(tile_top_neg, (lanes.pair & ~lanes.pos) ? sim : splat(kNegInf));
+          }
+        }
+        if (track_top1) {
+          top_pos[p * B + i] = std::max(top_pos[p * B + i], hmax(tile_top_pos));
+          top_neg[p * B + i] = std::max(top_neg[p * B + i], hmax(tile_top_neg));
         }
         const float new_max_pos = std::max(max_pos[i], hmax(tile_max_pos));
         const float new_max_neg = std::max(max_neg[i], hmax(tile_max_neg));
@@ -335,7 +354,8 @@ std::tuple<at::Tensor, at::Tensor> circle_forward(const at::Tensor& queries, con
       partial_neg[p * B + i] = max_neg[i] + std::log(sum_neg[i]);
     }
   });
-  return {combine_splits(partial[0]), combine_splits(partial[1])};
+  at::Tensor top = track_top1 ? max_over_splits(top_partial) : at::empty({0}, at::TensorOptions().dtype(at::kFloat));
+  return {combine_splits(partial[0]), combine_splits(partial[1]), top};
 }
 
 // (dL/dqueries, dL/dkeys) in the inputs' dtypes (empty where not asked for). grad_rows: float32 (B,).
@@ -431,9 +451,9 @@ std::tuple<at::Tensor, at::Tensor> circle_backward(
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "circleloss-ext: fused Circle Loss for CPU tensors";
   m.def("inverse_norms", &inverse_norms, "1 / max(|x_r|, eps) per row, float32", py::arg("x"));
-  m.def("circle_forward", &circle_forward, "(LP, LN) per row", py::arg("queries"), py::arg("keys"),
+  m.def("circle_forward", &circle_forward, "(LP, LN, top) per row", py::arg("queries"), py::arg("keys"),
         py::arg("query_labels"), py::arg("key_labels"), py::arg("inv_norm_q"), py::arg("inv_norm_k"),
-        py::arg("margin"), py::arg("gamma"), py::arg("exclude_self"));
+        py::arg("margin"), py::arg("gamma"), py::arg("exclude_self"), py::arg("track_top1"));
   m.def("circle_backward", &circle_backward, "(dL/dqueries, dL/dkeys)", py::arg("grad_rows"), py::arg("queries"),
         py::arg("keys"), py::arg("query_labels"), py::arg("key_labels"), py::arg("inv_norm_q"),
         py::arg("inv_norm_k"), py::arg("lse_pos"), py::arg("lse_neg"), py::arg("margin"), py::arg("gamma"),

@@ -82,7 +82,7 @@ def launches(dtypes=tuple(OPERAND_TYPES)) -> list[Launch]:
         result.append(_launch("inv_norm", inv_norm_kernel, dtype, "", {"x_ptr": x}))
         for form, flags in _LABEL_FORMS.items():
             result.append(_launch("forward", circle_forward_kernel, dtype, form, circle,
-                                  DOT_PRECISION=precision, **flags))
+                                  DOT_PRECISION=precision, TRACK_TOP1=False, **flags))
             for detach in (True, False):
                 variant = f"{form} {'detach' if detach else 'full'}-alpha"
                 result.append(_launch("grad_similarity", circle_grad_similarity_kernel, dtype, variant,

@@ -10,6 +10,9 @@ Class-level keys (the rows of W) have one positive per row, its class: the tiles
 (one exp2 per similarity), and the positive logit comes from one gathered dot product q_i · w_{a_i},
 O(B·D), in the programs of split 0. Pair-wise tiles hold both kinds and still take one exp2 per
 similarity, against the running maximum of the kind it belongs to.
+
+With TRACK_TOP1 the kernel also keeps each row's largest positive and largest negative similarity
+(the nearest key of each kind, for top-1 accuracy): one select and one max per similarity more.
 """
 import torch
 import triton
@@ -46,10 +49,10 @@ def _gathered_positive(q_ptr, k_ptr, inv_norm_k_ptr, rows, q_label, inv_norm_q, 
 @triton.jit
 def circle_forward_kernel(
     q_ptr, k_ptr, q_label_ptr, k_label_ptr, inv_norm_q_ptr, inv_norm_k_ptr,
-    lse_pos_ptr, lse_neg_ptr,
+    lse_pos_ptr, lse_neg_ptr, top_ptr,
     B, N, D, stride_qb, stride_qd, stride_kn, stride_kd, keys_per_split,
     margin, gamma,
-    CLASS_LEVEL: tl.constexpr, EXCLUDE_SELF: tl.constexpr,
+    CLASS_LEVEL: tl.constexpr, EXCLUDE_SELF: tl.constexpr, TRACK_TOP1: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
@@ -60,6 +63,8 @@ def circle_forward_kernel(
     max_neg = tl.full((BLOCK_B,), float("-inf"), tl.float32)
     sum_pos = tl.zeros((BLOCK_B,), tl.float32)
     sum_neg = tl.zeros((BLOCK_B,), tl.float32)
+    top_pos = tl.full((BLOCK_B,), float("-inf"), tl.float32)
+    top_neg = tl.full((BLOCK_B,), float("-inf"), tl.float32)
     key_start = split.to(tl.int64) * keys_per_split
     key_stop = tl.minimum(key_start + keys_per_split, N)
     q_label = row_labels(q_label_ptr, rows, B, CLASS_LEVEL)
@@ -79,6 +84,8 @@ def circle_forward_kernel(
             logit2, _ = circle_epilogue(s, False, margin, gamma, True)
             absent = absent | (keys.to(tl.int32)[None, :] == q_label[:, None])
             logit2 = tl.where(absent, float("-inf"), logit2)
+            if TRACK_TOP1:
+                top_neg = tl.maximum(top_neg, tl.max(tl.where(absent, float("-inf"), s), axis=1))
             # online log-sum-exp: rescale the running sum to the new maximum, add this tile
             max_neg, sum_neg, shift = _rescale(max_neg, sum_neg, tl.max(logit2, axis=1))
             sum_neg += tl.sum(tl.exp2(logit2 - shift[:, None]), axis=1)
@@ -86,6 +93,9 @@ def circle_forward_kernel(
             is_pos = positive_pairs(q_label, k_label_ptr, keys, N, CLASS_LEVEL)
             logit2, _ = circle_epilogue(s, is_pos, margin, gamma, True)
             logit2 = tl.where(absent, float("-inf"), logit2)
+            if TRACK_TOP1:
+                top_pos = tl.maximum(top_pos, tl.max(tl.where(is_pos & ~absent, s, float("-inf")), axis=1))
+                top_neg = tl.maximum(top_neg, tl.max(tl.where(is_pos | absent, float("-inf"), s), axis=1))
             # online log-sum-exp for each kind: new maxima, then one exp2 per similarity against its own
             max_pos, sum_pos, shift_pos = _rescale(max_pos, sum_pos,
                                                    tl.max(tl.where(is_pos, logit2, float("-inf")), axis=1))
@@ -101,10 +111,14 @@ def circle_forward_kernel(
                                                 stride_qb, stride_qd, stride_kn, stride_kd, BLOCK_B, BLOCK_D)
             logit2_pos, _ = circle_epilogue(s_pos, True, margin, gamma, True)
             lse_pos = tl.where(has_pos, logit2_pos, float("-inf"))
+            top_pos = tl.where(has_pos, s_pos, float("-inf"))
     out = split.to(tl.int64) * B + rows
     # back to natural units (LP, LN are log-sum-exps of u and v)
     tl.store(lse_pos_ptr + out, lse_pos * 0.6931471805599453, mask=rows < B)
     tl.store(lse_neg_ptr + out, (max_neg + tl.log2(sum_neg)) * 0.6931471805599453, mask=rows < B)
+    if TRACK_TOP1:  # top: (2, splits, B)
+        tl.store(top_ptr + out, top_pos, mask=rows < B)
+        tl.store(top_ptr + tl.num_programs(1).to(tl.int64) * B + out, top_neg, mask=rows < B)
 
 
 def key_splits(num_keys: int, row_blocks: int, block_n: int, x: torch.Tensor) -> tuple[int, int]:
@@ -116,8 +130,10 @@ def key_splits(num_keys: int, row_blocks: int, block_n: int, x: torch.Tensor) ->
 
 
 def circle_forward(queries, keys, query_labels, key_labels, inv_norm_q, inv_norm_k, margin, gamma,
-                   exclude_self):
-    """(LP, LN): float32 (B,) log-sum-exps over each row's positives and negatives (-inf if none)."""
+                   exclude_self, track_top1=False):
+    """(LP, LN, top): float32 (B,) log-sum-exps over each row's positives and negatives (-inf if none);
+    with track_top1, top (2, B) holds each row's largest positive and negative similarity (-inf if
+    none), else it is empty."""
     problem = problem_arguments(queries, keys, query_labels, key_labels, inv_norm_q, inv_norm_k, margin, gamma,
                                 exclude_self)
     cfg = tile_config("forward", queries)
@@ -125,7 +141,9 @@ def circle_forward(queries, keys, query_labels, key_labels, inv_norm_q, inv_norm
     splits, keys_per_split = key_splits(problem["N"], row_blocks, cfg.blocks["BLOCK_N"], queries)
     partial_pos = torch.empty(splits, problem["B"], device=queries.device, dtype=torch.float32)
     partial_neg = torch.empty_like(partial_pos)
+    top = torch.empty(2, splits if track_top1 else 0, problem["B"], device=queries.device, dtype=torch.float32)
     circle_forward_kernel[(row_blocks, splits)](
-        **problem, lse_pos_ptr=partial_pos, lse_neg_ptr=partial_neg, keys_per_split=keys_per_split,
-        EVEN_D=even_d(problem["D"], cfg), **cfg.kwargs())
-    return torch.logsumexp(partial_pos, dim=0), torch.logsumexp(partial_neg, dim=0)
+        **problem, lse_pos_ptr=partial_pos, lse_neg_ptr=partial_neg, top_ptr=top, keys_per_split=keys_per_split,
+        TRACK_TOP1=track_top1, EVEN_D=even_d(problem["D"], cfg), **cfg.kwargs())
+    top = top.amax(dim=1) if track_top1 else top.new_empty(0)
+    return torch.logsumexp(partial_pos, dim=0), torch.logsumexp(partial_neg, dim=0), top

@@ -173,6 +173,31 @@ def test_autocast_with_an_fp32_weight(embedding_dtype):
     run_ranks(_autocast_with_fp32_weight, 2, embedding_dtype)
 
 
+def _accuracy(rank, world_size, backend):
+    """track_accuracy: the global batch's share of rows whose own class has the highest cosine over all
+    shards, the same on every rank."""
+    num_classes = 17
+    gen = torch.Generator().manual_seed(8)
+    embeddings = torch.randn(world_size * LOCAL_BATCH, EMB_DIM, generator=gen)
+    full_weight = torch.randn(num_classes, EMB_DIM, generator=gen)
+    labels = torch.randperm(num_classes, generator=gen)[:world_size * LOCAL_BATCH]
+    full_weight[labels[::2]] = embeddings[::2] * 3.0  # half the rows nearest their own class
+    head = ShardedCircleLoss(num_classes, EMB_DIM, track_accuracy=True, backend=backend)
+    with torch.no_grad():
+        head.weight.copy_(full_weight[head.class_start:head.class_stop])
+    rows = slice(rank * LOCAL_BATCH, (rank + 1) * LOCAL_BATCH)
+    head(embeddings[rows], labels[rows]).backward()
+    cosines = torch.nn.functional.normalize(embeddings) @ torch.nn.functional.normalize(full_weight).T
+    expected = (cosines.argmax(dim=1) == labels).float().mean().item()
+    assert 0.4 < expected < 1.0
+    assert head.last_accuracy.item() == pytest.approx(expected, abs=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_accuracy_over_all_shards(backend):
+    run_ranks(_accuracy, 3, backend)
+
+
 def _sampling(rank, world_size, num_classes):
     x, labels, backbone, full_weight = _problem(world_size, num_classes, torch.float64, True)
     rows = slice(rank * LOCAL_BATCH, (rank + 1) * LOCAL_BATCH)

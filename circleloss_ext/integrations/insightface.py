@@ -71,17 +71,19 @@ class CircleMargin:
 class PartialFC_V2(ShardedCircleLoss):
     """insightface's PartialFC_V2(margin_loss, embedding_size, num_classes, sample_rate, fp16) with a
     CircleMargin, computed by the fused kernels. forward(local_embeddings (b, D), local_labels (b,) or
-    (b, 1)) -> the global batch's mean loss. Every rank constructs it (collectively) and runs every forward."""
+    (b, 1)) -> the global batch's mean loss. Every rank constructs it (collectively) and runs every forward.
+    track_accuracy=True (keyword only; not in insightface's signature) keeps `last_accuracy`, the global
+    batch's top-1 accuracy over all classes, computed in the fused forward."""
 
     def __init__(self, margin_loss: CircleMargin, embedding_size: int, num_classes: int, sample_rate: float = 1.0,
-                 fp16: bool = False) -> None:
+                 fp16: bool = False, *, track_accuracy: bool = False) -> None:
         if not isinstance(margin_loss, CircleMargin):
             raise TypeError(f"margin_loss must be a circleloss_ext.integrations.insightface.CircleMargin, got "
                             f"{type(margin_loss).__name__}: ArcFace and CosFace margins are not Circle Loss (use "
                             "insightface's own PartialFC_V2 for them)")
         check_bool("fp16", fp16)
         super().__init__(num_classes, embedding_size, m=margin_loss.m, gamma=margin_loss.gamma,
-                         sample_rate=sample_rate, detach_alpha=margin_loss.detach_alpha)
+                         sample_rate=sample_rate, detach_alpha=margin_loss.detach_alpha, track_accuracy=track_accuracy)
         self.margin_softmax, self.embedding_size, self.fp16 = margin_loss, embedding_size, fp16
         self.num_local = self.class_stop - self.class_start
         self.num_sample = int(sample_rate * self.num_local)
