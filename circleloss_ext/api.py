@@ -7,8 +7,8 @@ from torch import Tensor
 from . import reference
 from .function import FusedRows
 from .ops import resolve_backend, top1_accuracy
-from .validation import (as_index_labels, check_bool, check_hyperparameters, check_ignore_index, check_label_values,
-                         check_labels, check_matrix, check_same)
+from .validation import (as_index_labels, check_bool, check_hyperparameters, check_ignore_index, check_label_smoothing,
+                         check_label_values, check_labels, check_matrix, check_same)
 
 Reduction = Literal["none", "sum", "mean"]
 Backend = Literal["auto", "triton", "cpu", "reference"]
@@ -41,22 +41,31 @@ def _reduce(row_loss, has_loss, reduction, dtype):
     return total.to(dtype)
 
 
-def _rows(backend, queries, keys, query_labels, key_labels, margin, gamma, exclude_self, detach_alpha, track_top1):
+def _rows(backend, queries, keys, query_labels, key_labels, margin, gamma, exclude_self, detach_alpha, track_top1,
+          smooth_pos=0.0, smooth_neg=0.0):
     """(L, has_loss, top) per row; key_labels None means class-level keys (b_j = j); top (2, B) is each
-    row's largest positive and negative similarity with track_top1, else empty."""
+    row's largest positive and negative similarity with track_top1, else empty; smooth_pos, smooth_neg:
+    label smoothing's c_p, c_n."""
     if backend == "reference":
         if key_labels is None:
             key_labels = torch.arange(keys.shape[0], device=keys.device)
         row_loss, has_loss = reference.circle_loss_rows(queries, keys, query_labels, key_labels, margin=margin,
                                                         gamma=gamma, exclude_self=exclude_self,
-                                                        detach_alpha=detach_alpha)
+                                                        detach_alpha=detach_alpha, smooth_pos=smooth_pos,
+                                                        smooth_neg=smooth_neg)
         top = reference.nearest_similarities(queries, keys, query_labels, key_labels, exclude_self=exclude_self) \
             if track_top1 else row_loss.new_empty(0)
         return row_loss, has_loss, top
     if exclude_self:
         keys, key_labels = None, None
     return FusedRows.apply(queries, keys, query_labels, key_labels, float(margin), float(gamma), detach_alpha,
-                           backend, track_top1)
+                           backend, track_top1, smooth_pos, smooth_neg)
+
+
+def smoothing_coefficients(label_smoothing: float, num_classes: int) -> tuple[float, float]:
+    """(c_p, c_n) = (ε(1 - 1/C), ε/C): what label smoothing ε over C classes takes from the own class's logit
+    and gives to every other class's."""
+    return float(label_smoothing) * (1.0 - 1.0 / num_classes), float(label_smoothing) / num_classes
 
 
 def _result(row_loss, has_loss, top, reduction, dtype, with_accuracy):
@@ -66,7 +75,8 @@ def _result(row_loss, has_loss, top, reduction, dtype, with_accuracy):
 
 def circle_loss(embeddings: Tensor, weight: Tensor, labels: Tensor, *, m: float = 0.25, gamma: float = 256.0,
                 reduction: Reduction = "mean", detach_alpha: bool = True, ignore_index: int = -100,
-                backend: Backend = "auto", with_accuracy: bool = False) -> Union[Tensor, tuple[Tensor, Tensor]]:
+                backend: Backend = "auto", with_accuracy: bool = False,
+                label_smoothing: float = 0.0) -> Union[Tensor, tuple[Tensor, Tensor]]:
     """Circle Loss with class-level labels: embeddings (B, D) against the class matrix W = weight (C, D).
 
     Both are unnormalised (normalised inside); fp16, bf16, fp32 or fp64, of one dtype (any two under
@@ -81,6 +91,8 @@ def circle_loss(embeddings: Tensor, weight: Tensor, labels: Tensor, *, m: float 
     with_accuracy=True returns (loss, accuracy): accuracy (float32, no gradient) is the share of the
     rows that take part whose own class has the highest cosine (argmax over all C classes, ties
     counted as misses), computed inside the forward at O(B) extra memory.
+    label_smoothing ε in [0, 1] as F.cross_entropy's, over the C class logits (the row's own, -u, and
+    every other, v): L_i - ε(1 - 1/C)·LP_i - (ε/C)·Σ_j v_ij, fused (one more per-row sum in forward).
     """
     check_matrix("embeddings", embeddings)
     check_matrix("weight", weight, embeddings.shape[1])
@@ -90,21 +102,24 @@ def circle_loss(embeddings: Tensor, weight: Tensor, labels: Tensor, *, m: float 
     check_hyperparameters(m, gamma, reduction, backend, detach_alpha)
     check_ignore_index(ignore_index)
     check_bool("with_accuracy", with_accuracy)
+    check_label_smoothing(label_smoothing)
     labels = as_index_labels(labels)
     (embeddings, weight), out_dtype = _autocast(embeddings, weight)
     run = resolve_backend(backend, embeddings)
     check_label_values(labels, weight.shape[0], ignore_index)
     if 0 <= ignore_index < weight.shape[0]:  # an in-range ignore_index must not match its class
         labels = labels.masked_fill(labels == ignore_index, -1)
+    smooth_pos, smooth_neg = smoothing_coefficients(label_smoothing, weight.shape[0])
     row_loss, has_loss, top = _rows(run, embeddings, weight, labels, None, m, gamma, False, detach_alpha,
-                                    with_accuracy)
+                                    with_accuracy, smooth_pos, smooth_neg)
     return _result(row_loss, has_loss, top, reduction, out_dtype, with_accuracy)
 
 
 def pairwise_circle_loss(embeddings: Tensor, labels: Tensor, *, ref_embeddings: Optional[Tensor] = None,
                          ref_labels: Optional[Tensor] = None, m: float = 0.4, gamma: float = 80.0,
                          reduction: Reduction = "mean", detach_alpha: bool = True,
-                         backend: Backend = "auto", with_accuracy: bool = False) -> Union[Tensor, tuple[Tensor, Tensor]]:
+                         backend: Backend = "auto", with_accuracy: bool = False,
+                label_smoothing: float = 0.0) -> Union[Tensor, tuple[Tensor, Tensor]]:
     """Circle Loss with pair-wise labels: each embedding against the others of the batch (the pair
     (i, i) left out) or against a reference set (ref_embeddings (N, D), ref_labels (N,), e.g. a
     cross-batch memory). Positives share the label, negatives do not; rows without a positive or

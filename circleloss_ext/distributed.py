@@ -18,10 +18,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import ops, reference
-from .api import Backend
+from .api import Backend, smoothing_coefficients
 from .ops import resolve_backend
 from .validation import (LABEL_DTYPES, as_index_labels, check_bool, check_hyperparameters, check_ignore_index,
-                         check_matrix, check_positive_int)
+                         check_label_smoothing, check_matrix, check_positive_int)
 
 _NEG_INF = float("-inf")
 
@@ -100,37 +100,46 @@ class _ShardPartial:
         self.backend, self.margin, self.gamma, self.detach_alpha = backend, margin, gamma, detach_alpha
 
     def _reference_lse(self, queries, keys, labels):
-        return reference.circle_lse(queries, keys, labels, torch.arange(keys.shape[0], device=keys.device),
-                                    margin=self.margin, gamma=self.gamma, exclude_self=False,
-                                    detach_alpha=self.detach_alpha)
+        """(LP^r, LN^r, V^r) of the shard from its materialised similarities."""
+        return reference.circle_lse_of_similarities(
+            reference.cosine_similarities(queries, keys), labels, torch.arange(keys.shape[0], device=keys.device),
+            margin=self.margin, gamma=self.gamma, exclude_self=False, detach_alpha=self.detach_alpha,
+            with_negative_sum=True)
 
-    def forward(self, queries, keys, labels, track_top1):
-        """(LP^r, LN^r, what backward needs, top^r): the shard's partial statistics; top^r (2, B) the
-        largest positive and negative similarity within the shard with track_top1, else empty."""
+    def forward(self, queries, keys, labels, track_top1, negative_sum):
+        """(LP^r, LN^r, what backward needs, top^r, V^r): the shard's partial statistics; top^r (2, B) the
+        largest positive and negative similarity within the shard with track_top1, V^r (B,) the sum of
+        the shard's negative logits with negative_sum; else empty."""
         if self.backend == "reference":
             with torch.no_grad():
-                lse_pos, lse_neg = self._reference_lse(queries, keys, labels)
+                lse_pos, lse_neg, sums = self._reference_lse(queries, keys, labels)
             top = reference.nearest_similarities(queries, keys, labels, torch.arange(keys.shape[0], device=keys.device),
                                                  exclude_self=False) if track_top1 else lse_pos.new_empty(0)
-            return lse_pos, lse_neg, (), top
-        _, statistics, top = ops.forward_rows(queries, keys, labels, None, self.margin, self.gamma, False, self.backend,
-                                              track_top1)
-        return statistics.lse_pos, statistics.lse_neg, (statistics.inv_norm_q, statistics.inv_norm_k), top
+            return lse_pos, lse_neg, (), top, sums
+        # any nonzero smooth_neg asks for V^r; the local row losses are not used
+        _, statistics, top, sums = ops.forward_rows(queries, keys, labels, None, self.margin, self.gamma, False,
+                                                    self.backend, track_top1, 0.0, 1.0 if negative_sum else 0.0)
+        return statistics.lse_pos, statistics.lse_neg, (statistics.inv_norm_q, statistics.inv_norm_k), top, sums
 
-    def backward(self, grad_rows, queries, keys, labels, lse_pos, lse_neg, saved, need_keys):
+    def backward(self, grad_rows, queries, keys, labels, lse_pos, lse_neg, saved, need_keys, smooth_pos=0.0,
+                 smooth_neg=0.0):
         if self.backend == "reference":
             row_scale = torch.sigmoid(lse_pos + lse_neg) * grad_rows
             safe_pos = torch.where(lse_pos > _NEG_INF, lse_pos, torch.zeros_like(lse_pos))
             safe_neg = torch.where(lse_neg > _NEG_INF, lse_neg, torch.zeros_like(lse_neg))
             with torch.enable_grad():
                 q, k = queries.detach().requires_grad_(), keys.detach().requires_grad_()
-                part_pos, part_neg = self._reference_lse(q, k, labels)
+                part_pos, part_neg, part_sum = self._reference_lse(q, k, labels)
                 surrogate = (row_scale * (torch.exp(part_pos - safe_pos) + torch.exp(part_neg - safe_neg))).sum()
+                if smooth_pos or smooth_neg:  # - c_p·LP^r (where the positive is in this shard) - c_n·V^r
+                    own = torch.where(part_pos > _NEG_INF, part_pos, torch.zeros_like(part_pos))
+                    surrogate = surrogate - (grad_rows * (smooth_pos * own + smooth_neg * part_sum)).sum()
                 return torch.autograd.grad(surrogate, (q, k))
         # the shard's inverse norms with the global log-sum-exps: the shard's part of the global gradient
         statistics = ops.RowStatistics(lse_pos, lse_neg, *saved)
         grad_q, grad_k = ops.backward_rows(grad_rows, queries, keys, labels, None, statistics, self.margin, self.gamma,
-                                           False, self.detach_alpha, True, need_keys, self.backend)
+                                           False, self.detach_alpha, True, need_keys, self.backend, smooth_pos,
+                                           smooth_neg)
         return grad_q, (grad_k if need_keys else None)
 
 
@@ -138,23 +147,32 @@ class _ShardedCircleLossFunction(torch.autograd.Function):
     """Circle Loss of the gathered batch; see ShardedCircleLoss for the reductions and the gradient contract."""
 
     @staticmethod
-    def forward(ctx, local_embeddings, keys, labels, partial, group, rank, world_size, reduction, track_top1):
+    def forward(ctx, local_embeddings, keys, labels, partial, group, rank, world_size, reduction, track_top1,
+                label_smoothing, num_classes):
         """(the loss, the global batch's top-1 accuracy or an empty tensor); labels: the gathered batch's
-        labels as indices into keys (-1 for classes outside them)."""
+        labels as indices into keys (-1 for classes outside them); num_classes: the classes scored over
+        all ranks this step (label smoothing spreads over them)."""
         queries = _all_gather(local_embeddings, group, world_size)
-        part_pos, part_neg, saved, top = partial.forward(queries, keys, labels, track_top1)
+        part_pos, part_neg, saved, top, part_sum = partial.forward(queries, keys, labels, track_top1,
+                                                                   label_smoothing > 0)
         lse_pos = _all_reduce_lse(part_pos, group)
         lse_neg = _all_reduce_lse(part_neg, group)
         takes_part = ops.rows_taking_part(lse_pos, lse_neg)
+        smooth_pos, smooth_neg = smoothing_coefficients(label_smoothing, num_classes)
+        negative_sum = part_sum
+        if label_smoothing > 0:
+            negative_sum = part_sum.clone()
+            dist.all_reduce(negative_sum, group=group)
         accuracy = top.new_empty(0)
         if track_top1:  # the nearest class over all shards
             dist.all_reduce(top, op=dist.ReduceOp.MAX, group=group)
             accuracy = ops.top1_accuracy(top, takes_part)
         ctx.mark_non_differentiable(accuracy)
-        row_loss = torch.where(takes_part, F.softplus(lse_pos + lse_neg), 0.0)
+        row_loss = ops.smoothed_rows(lse_pos, lse_neg, negative_sum, smooth_pos, smooth_neg)
         count = takes_part.sum().clamp_min(1)
         ctx.save_for_backward(queries, keys, labels, lse_pos, lse_neg, count, *saved)
         ctx.partial, ctx.group, ctx.rank, ctx.world_size, ctx.reduction = partial, group, rank, world_size, reduction
+        ctx.smoothing = (smooth_pos, smooth_neg)
         if reduction == "none":
             rows = local_embeddings.shape[0]
             return row_loss[rank * rows:(rank + 1) * rows], accuracy
@@ -168,12 +186,13 @@ class _ShardedCircleLossFunction(torch.autograd.Function):
         else:
             scale = grad_out / count if ctx.reduction == "mean" else grad_out
             grad_rows = scale.to(lse_pos.dtype).expand(queries.shape[0]).contiguous()
+        grad_rows = torch.where(ops.rows_taking_part(lse_pos, lse_neg), grad_rows, 0.0)
         grad_q, grad_k = ctx.partial.backward(grad_rows, queries, keys, labels, lse_pos, lse_neg, saved,
-                                              ctx.needs_input_grad[1])
+                                              ctx.needs_input_grad[1], *ctx.smoothing)
         # every shard's part of dL/dq, summed, each rank receiving its own rows; times W because DDP
         # then averages the backbone's gradients over the ranks
         grad_local = _sum_own_rows(grad_q, ctx.group, ctx.world_size) * ctx.world_size
-        return grad_local, grad_k, None, None, None, None, None, None, None
+        return grad_local, grad_k, None, None, None, None, None, None, None, None, None
 
 
 class ShardedCircleLoss(nn.Module):
@@ -209,6 +228,9 @@ class ShardedCircleLoss(nn.Module):
     positives, decided by the gathered labels, are the same on every rank. The initial rows (nn.Linear's
     initialisation) are drawn from (seed, rank) too, so shards differ from each other.
 
+    label_smoothing ε as circle_loss's, over the num_classes classes (with sample_rate < 1: over the
+    classes scored this step, as a cross-entropy over the sampled logits would).
+
     track_accuracy=True keeps `last_accuracy` (float32, no gradient): the share of the global batch's rows
     whose own class has the highest cosine among all classes of all shards, from the fused forward
     (O(B) more memory, one all-reduce of 2·B floats).
@@ -217,7 +239,8 @@ class ShardedCircleLoss(nn.Module):
     "triton", "cpu" or "reference". Works over NCCL with CUDA tensors and gloo with CPU tensors.
 
     Construction is collective: every rank must construct the module, with the same num_classes,
-    embedding_dim, m, gamma, sample_rate, detach_alpha, reduction, ignore_index, track_accuracy, backend, dtype and
+    embedding_dim, m, gamma, sample_rate, detach_alpha, reduction, ignore_index, track_accuracy, label_smoothing,
+    backend, dtype and
     device type (checked by
     one all-gather; any mismatch or bad argument raises the same error on every rank). Every forward
     is collective too: a rank that skips one leaves the others waiting for the process group's
@@ -227,7 +250,8 @@ class ShardedCircleLoss(nn.Module):
     def __init__(self, num_classes: int, embedding_dim: int, *, process_group: Optional[dist.ProcessGroup] = None,
                  m: float = 0.25, gamma: float = 256.0, sample_rate: float = 1.0, detach_alpha: bool = True,
                  reduction: str = "mean", ignore_index: int = -100, track_accuracy: bool = False,
-                 backend: Backend = "auto", seed: int = 0, device: Optional[torch.device] = None,
+                 label_smoothing: float = 0.0, backend: Backend = "auto", seed: int = 0,
+                 device: Optional[torch.device] = None,
                  dtype: Optional[torch.dtype] = None) -> None:
         super().__init__()
         if not (dist.is_available() and dist.is_initialized()):
@@ -239,7 +263,8 @@ class ShardedCircleLoss(nn.Module):
         factory = torch.empty(0, device=device, dtype=dtype)  # where and how the rows will be made
         settings = dict(num_classes=num_classes, embedding_dim=embedding_dim, m=m, gamma=gamma,
                         sample_rate=sample_rate, detach_alpha=detach_alpha, reduction=reduction,
-                        ignore_index=ignore_index, track_accuracy=track_accuracy, backend=backend,
+                        ignore_index=ignore_index, track_accuracy=track_accuracy,
+                        label_smoothing=label_smoothing, backend=backend,
                         dtype=str(factory.dtype),
                         device_type=factory.device.type)
         self._agree_across_ranks(settings)
@@ -248,6 +273,7 @@ class ShardedCircleLoss(nn.Module):
         self.m, self.gamma, self.sample_rate, self.detach_alpha, self.backend = m, gamma, sample_rate, detach_alpha, \
             backend
         self.reduction, self.ignore_index, self.track_accuracy = reduction, ignore_index, track_accuracy
+        self.label_smoothing = label_smoothing
         self.last_accuracy = None
         self.weight = nn.Parameter(torch.empty(self.class_stop - self.class_start, embedding_dim, device=device,
                                                dtype=dtype))
@@ -258,10 +284,11 @@ class ShardedCircleLoss(nn.Module):
         self.last_sampled = None
 
     def _check_settings(self, num_classes, embedding_dim, m, gamma, sample_rate, detach_alpha, reduction,
-                        ignore_index, track_accuracy, backend, **_):
+                        ignore_index, track_accuracy, label_smoothing, backend, **_):
         check_hyperparameters(m, gamma, reduction, backend, detach_alpha)
         check_ignore_index(ignore_index)
         check_bool("track_accuracy", track_accuracy)
+        check_label_smoothing(label_smoothing)
         check_positive_int("embedding_dim", embedding_dim)
         if isinstance(sample_rate, bool) or not (isinstance(sample_rate, (int, float)) and 0 < sample_rate <= 1):
             raise ValueError(f"sample_rate must lie in (0, 1], got {sample_rate!r}")
@@ -356,9 +383,15 @@ class ShardedCircleLoss(nn.Module):
             local_embeddings, keys = local_embeddings.to(dtype), keys.to(dtype)
         partial = _ShardPartial(resolve_backend(self.backend, local_embeddings), float(self.m), float(self.gamma),
                                 self.detach_alpha)
+        num_classes = self.num_classes
+        if self.label_smoothing > 0 and sampled is not None:  # the smoothing spreads over the classes scored
+            scored = torch.tensor([keys.shape[0]], device=keys.device)
+            dist.all_reduce(scored, group=self.group)
+            num_classes = int(scored.item())
         loss, accuracy = _ShardedCircleLossFunction.apply(local_embeddings, keys, shard_labels, partial, self.group,
                                                           self.rank, self.world_size, self.reduction,
-                                                          self.track_accuracy)
+                                                          self.track_accuracy, float(self.label_smoothing),
+                                                          num_classes)
         self.last_accuracy = accuracy if self.track_accuracy else None
         return loss
 

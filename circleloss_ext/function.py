@@ -14,16 +14,17 @@ class FusedRows(torch.autograd.Function):
     Arguments and results: see CircleLossFunction."""
 
     @staticmethod
-    def forward(ctx, queries, keys, query_labels, key_labels, margin, gamma, detach_alpha, backend, track_top1=False):
+    def forward(ctx, queries, keys, query_labels, key_labels, margin, gamma, detach_alpha, backend, track_top1=False,
+                smooth_pos=0.0, smooth_neg=0.0):
         """(L, has_loss, top): top (2, B) is each row's largest positive and negative similarity with
-        track_top1, else empty."""
+        track_top1, else empty; smooth_pos, smooth_neg: label smoothing's c_p, c_n (ops.smoothed_rows)."""
         exclude_self = keys is None
         if exclude_self:
             keys, key_labels = queries, query_labels
-        row_loss, statistics, top = ops.forward_rows(queries, keys, query_labels, key_labels, margin, gamma,
-                                                     exclude_self, backend, track_top1)
+        row_loss, statistics, top, _ = ops.forward_rows(queries, keys, query_labels, key_labels, margin, gamma,
+                                                        exclude_self, backend, track_top1, smooth_pos, smooth_neg)
         ctx.save_for_backward(queries, keys, query_labels, key_labels, *statistics.tensors())
-        ctx.hyper = (margin, gamma, exclude_self, detach_alpha, backend)
+        ctx.hyper = (margin, gamma, exclude_self, detach_alpha, backend, smooth_pos, smooth_neg)
         has_loss = statistics.takes_part()
         ctx.mark_non_differentiable(has_loss, top)
         return row_loss, has_loss, top
@@ -31,13 +32,13 @@ class FusedRows(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_rows, *_grads_of_the_outputs_without_one):
         queries, keys, query_labels, key_labels, *statistics = ctx.saved_tensors
-        margin, gamma, exclude_self, detach_alpha, backend = ctx.hyper
+        margin, gamma, exclude_self, detach_alpha, backend, smooth_pos, smooth_neg = ctx.hyper
         need_queries = ctx.needs_input_grad[0]
         need_keys = need_queries if exclude_self else ctx.needs_input_grad[1]
         non_tensors = (None,) * (len(ctx.needs_input_grad) - 2)  # labels, settings (CircleLossFunction takes fewer)
         grad_q, grad_k = ops.backward_rows(
             grad_rows.float().contiguous(), queries, keys, query_labels, key_labels, ops.RowStatistics(*statistics),
-            margin, gamma, exclude_self, detach_alpha, need_queries, need_keys, backend)
+            margin, gamma, exclude_self, detach_alpha, need_queries, need_keys, backend, smooth_pos, smooth_neg)
         if exclude_self:  # queries and keys are one tensor: both contributions land on its rows
             return (grad_q + grad_k if need_queries else None, None, *non_tensors)
         return (grad_q if need_queries else None, grad_k if need_keys else None, *non_tensors)

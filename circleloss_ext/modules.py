@@ -11,7 +11,8 @@ import torch
 from torch import Tensor, nn
 
 from .api import Backend, Reduction, circle_loss, pairwise_circle_loss
-from .validation import check_bool, check_hyperparameters, check_ignore_index, check_positive_int
+from .validation import (check_bool, check_hyperparameters, check_ignore_index, check_label_smoothing,
+                         check_positive_int)
 
 
 def _keep_accuracy(module: nn.Module, result):
@@ -27,7 +28,7 @@ class CircleLoss(nn.Module):
     initialised as nn.Linear's weight is. forward(embeddings (B, D), labels int64 or int32 (B,)).
 
     m, gamma, reduction, detach_alpha, ignore_index and backend ("auto", "triton", "cpu",
-    "reference") mean what they mean for circle_loss. track_accuracy=True keeps `last_accuracy`, the
+    "reference") mean what they mean for circle_loss, label_smoothing too. track_accuracy=True keeps `last_accuracy`, the
     batch's top-1 accuracy (circle_loss's with_accuracy). For pair-wise labels (metric learning, no
     class matrix) use PairwiseCircleLoss.
     """
@@ -35,7 +36,8 @@ class CircleLoss(nn.Module):
     def __init__(self, num_classes: Optional[int] = None, embedding_dim: Optional[int] = None, *, m: float = 0.25,
                  gamma: float = 256.0, reduction: Reduction = "mean", detach_alpha: bool = True,
                  ignore_index: int = -100, backend: Backend = "auto", track_accuracy: bool = False,
-                 device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = None) -> None:
+                 label_smoothing: float = 0.0, device: Optional[torch.device] = None,
+                 dtype: Optional[torch.dtype] = None) -> None:
         super().__init__()
         if num_classes is None or embedding_dim is None:
             raise TypeError("CircleLoss is the class-level head: it owns the class matrix W and needs "
@@ -47,7 +49,9 @@ class CircleLoss(nn.Module):
         check_hyperparameters(m, gamma, reduction, backend, detach_alpha)
         check_ignore_index(ignore_index)
         check_bool("track_accuracy", track_accuracy)
+        check_label_smoothing(label_smoothing)
         self.num_classes, self.embedding_dim = num_classes, embedding_dim
+        self.label_smoothing = label_smoothing
         self.track_accuracy, self.last_accuracy = track_accuracy, None
         self.m, self.gamma, self.reduction, self.detach_alpha = m, gamma, reduction, detach_alpha
         self.ignore_index, self.backend = ignore_index, backend
@@ -60,7 +64,7 @@ class CircleLoss(nn.Module):
     def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
         result = circle_loss(embeddings, self.weight, labels, m=self.m, gamma=self.gamma, reduction=self.reduction,
                              detach_alpha=self.detach_alpha, ignore_index=self.ignore_index, backend=self.backend,
-                             with_accuracy=self.track_accuracy)
+                             with_accuracy=self.track_accuracy, label_smoothing=self.label_smoothing)
         return _keep_accuracy(self, result)
 
     def extra_repr(self) -> str:

@@ -9,7 +9,6 @@ from dataclasses import dataclass
 from typing import Optional, Protocol
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 _NEG_INF = float("-inf")
@@ -85,18 +84,21 @@ class FusedBackend(Protocol):
 
     def circle_forward(self, queries: Tensor, keys: Tensor, query_labels: Tensor, key_labels: Optional[Tensor],
                        inv_norm_q: Tensor, inv_norm_k: Tensor, margin: float, gamma: float,
-                       exclude_self: bool, track_top1: bool) -> tuple[Tensor, Tensor, Tensor]:
-        """(LP, LN, top): LP, LN float32 (B,), log-sum-exps of each row's positive and negative logits,
+                       exclude_self: bool, track_top1: bool, negative_sum: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """(LP, LN, top, V): LP, LN float32 (B,), log-sum-exps of each row's positive and negative logits,
         -inf where the row has none; exclude_self: keys are the queries and (i, i) is no pair. With
         track_top1, top float32 (2, B) holds each row's largest positive and largest negative
-        similarity (-inf where none); else an empty tensor."""
+        similarity (-inf where none); with negative_sum, V float32 (B,) the sum of each row's negative
+        logits (label smoothing); each an empty tensor otherwise."""
 
     def circle_backward(self, grad_rows: Tensor, queries: Tensor, keys: Tensor, query_labels: Tensor,
                         key_labels: Optional[Tensor], inv_norm_q: Tensor, inv_norm_k: Tensor, lse_pos: Tensor,
                         lse_neg: Tensor, margin: float, gamma: float, exclude_self: bool, detach_alpha: bool,
-                        need_queries: bool, need_keys: bool) -> tuple[Tensor, Tensor]:
-        """(∂L/∂queries, ∂L/∂keys) in the operands' dtypes for L_i = softplus(LP_i + LN_i) and upstream
-        gradients grad_rows (float32 (B,)); anything (None or empty) where not needed."""
+                        need_queries: bool, need_keys: bool, smooth_pos: float,
+                        smooth_neg: float) -> tuple[Tensor, Tensor]:
+        """(∂L/∂queries, ∂L/∂keys) in the operands' dtypes for L_i = softplus(LP_i + LN_i) - smooth_pos·LP_i
+        - smooth_neg·V_i and upstream gradients grad_rows (float32 (B,)); anything (None or empty) where
+        not needed."""
 
 
 def _kernels(backend: str) -> FusedBackend:
@@ -132,36 +134,54 @@ def _check_sizes(queries: Tensor, keys: Tensor, query_labels: Tensor, key_labels
             raise ValueError(f"{name} must have shape ({n},), got {tuple(t.shape)}")
 
 
+def smoothed_rows(lse_pos: Tensor, lse_neg: Tensor, negative_sum: Tensor, smooth_pos: float,
+                  smooth_neg: float) -> Tensor:
+    """L_i = softplus(LP_i + LN_i) - c_p·LP_i - c_n·V_i for the rows that take part, 0 for the others.
+    With one positive this is cross-entropy with label smoothing ε over C classes (c_p = ε(1 - 1/C),
+    c_n = ε/C; V_i the sum of the negative logits); c_p = c_n = 0 is plain Circle Loss."""
+    row_loss = torch.logaddexp(lse_pos + lse_neg, torch.zeros_like(lse_pos))  # softplus, exact beyond 20 too
+    if smooth_pos:
+        row_loss = row_loss - smooth_pos * lse_pos
+    if smooth_neg:
+        row_loss = row_loss - smooth_neg * negative_sum
+    return torch.where(rows_taking_part(lse_pos, lse_neg), row_loss, 0.0)
+
+
 @torch.library.custom_op("circleloss_ext::fused_forward", mutates_args=())
 def fused_forward(queries: Tensor, keys: Tensor, query_labels: Tensor, key_labels: Optional[Tensor],
-                  margin: float, gamma: float, exclude_self: bool, track_top1: bool,
-                  backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(L, LP, LN, inv_norm_q, inv_norm_k, top), all float32: per-row loss (0 for a row that takes no
-    part, whatever its values), the statistics backward needs, and with track_top1 each row's largest
-    positive and negative similarity (2, B) (empty otherwise)."""
+                  margin: float, gamma: float, exclude_self: bool, track_top1: bool, smooth_pos: float,
+                  smooth_neg: float, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(L, LP, LN, inv_norm_q, inv_norm_k, top, V), all float32: per-row loss (smoothed_rows: 0 for a row
+    that takes no part, whatever its values), the statistics backward needs, with track_top1 each row's
+    largest positive and negative similarity (2, B), with smooth_neg ≠ 0 the sum of each row's negative
+    logits (B,) (each empty otherwise)."""
     _check_sizes(queries, keys, query_labels, key_labels, exclude_self)
     impl = _kernels(backend)
     inv_norm_q = impl.inverse_norms(queries)
     inv_norm_k = inv_norm_q.clone() if exclude_self else impl.inverse_norms(keys)
-    lse_pos, lse_neg, top = impl.circle_forward(queries, keys, query_labels, key_labels, inv_norm_q, inv_norm_k,
-                                                margin, gamma, exclude_self, track_top1)
-    row_loss = torch.where(rows_taking_part(lse_pos, lse_neg), F.softplus(lse_pos + lse_neg), 0.0)
-    return row_loss, lse_pos, lse_neg, inv_norm_q, inv_norm_k, top
+    lse_pos, lse_neg, top, negative_sum = impl.circle_forward(queries, keys, query_labels, key_labels, inv_norm_q,
+                                                              inv_norm_k, margin, gamma, exclude_self, track_top1,
+                                                              smooth_neg != 0.0)
+    row_loss = smoothed_rows(lse_pos, lse_neg, negative_sum, smooth_pos, smooth_neg)
+    return row_loss, lse_pos, lse_neg, inv_norm_q, inv_norm_k, top, negative_sum
 
 
 @fused_forward.register_fake
-def _(queries, keys, query_labels, key_labels, margin, gamma, exclude_self, track_top1, backend):
+def _(queries, keys, query_labels, key_labels, margin, gamma, exclude_self, track_top1, smooth_pos, smooth_neg,
+      backend):
     rows = queries.new_empty(queries.shape[0], dtype=torch.float32)
     top = queries.new_empty((2, queries.shape[0]) if track_top1 else (0,), dtype=torch.float32)
+    negative_sum = queries.new_empty(queries.shape[0] if smooth_neg != 0.0 else 0, dtype=torch.float32)
     return rows, torch.empty_like(rows), torch.empty_like(rows), torch.empty_like(rows), \
-        keys.new_empty(keys.shape[0], dtype=torch.float32), top
+        keys.new_empty(keys.shape[0], dtype=torch.float32), top, negative_sum
 
 
 @torch.library.custom_op("circleloss_ext::fused_backward", mutates_args=())
 def fused_backward(grad_rows: Tensor, queries: Tensor, keys: Tensor, query_labels: Tensor,
                    key_labels: Optional[Tensor], inv_norm_q: Tensor, inv_norm_k: Tensor, lse_pos: Tensor,
                    lse_neg: Tensor, margin: float, gamma: float, exclude_self: bool, detach_alpha: bool,
-                   need_queries: bool, need_keys: bool, backend: str) -> tuple[Tensor, Tensor]:
+                   need_queries: bool, need_keys: bool, smooth_pos: float, smooth_neg: float,
+                   backend: str) -> tuple[Tensor, Tensor]:
     """(∂L/∂queries, ∂L/∂keys) in the inputs' dtypes; an empty tensor stands for a gradient not asked for.
 
     A row that takes no part reaches no gradient, whatever its values (NaN, inf): its query row and
@@ -178,14 +198,14 @@ def fused_backward(grad_rows: Tensor, queries: Tensor, keys: Tensor, query_label
     lse_neg = torch.where(takes_part, lse_neg, float("inf"))
     grad_q, grad_k = _kernels(backend).circle_backward(
         grad_rows, queries, keys, query_labels, key_labels, inv_norm_q, inv_norm_k, lse_pos, lse_neg,
-        margin, gamma, exclude_self, detach_alpha, need_queries, need_keys)
+        margin, gamma, exclude_self, detach_alpha, need_queries, need_keys, smooth_pos, smooth_neg)
     return (grad_q if need_queries else queries.new_empty(0),
             grad_k if need_keys else keys.new_empty(0))
 
 
 @fused_backward.register_fake
 def _(grad_rows, queries, keys, query_labels, key_labels, inv_norm_q, inv_norm_k, lse_pos, lse_neg, margin,
-      gamma, exclude_self, detach_alpha, need_queries, need_keys, backend):
+      gamma, exclude_self, detach_alpha, need_queries, need_keys, smooth_pos, smooth_neg, backend):
     return (torch.empty_like(queries, memory_format=torch.contiguous_format) if need_queries
             else queries.new_empty(0),
             torch.empty_like(keys, memory_format=torch.contiguous_format) if need_keys else keys.new_empty(0))
@@ -210,12 +230,13 @@ class RowStatistics:
 
 
 def forward_rows(queries: Tensor, keys: Tensor, query_labels: Tensor, key_labels: Optional[Tensor], margin: float,
-                 gamma: float, exclude_self: bool, backend: str,
-                 track_top1: bool = False) -> tuple[Tensor, RowStatistics, Tensor]:
-    """(L per row, its RowStatistics, top (2, B) or empty) through the fused_forward op."""
-    row_loss, *statistics, top = fused_forward(queries, keys, query_labels, key_labels, margin, gamma, exclude_self,
-                                               track_top1, backend)
-    return row_loss, RowStatistics(*statistics), top
+                 gamma: float, exclude_self: bool, backend: str, track_top1: bool = False, smooth_pos: float = 0.0,
+                 smooth_neg: float = 0.0) -> tuple[Tensor, RowStatistics, Tensor, Tensor]:
+    """(L per row, its RowStatistics, top (2, B) or empty, V (B,) or empty) through the fused_forward op."""
+    row_loss, *statistics, top, negative_sum = fused_forward(queries, keys, query_labels, key_labels, margin, gamma,
+                                                             exclude_self, track_top1, smooth_pos, smooth_neg,
+                                                             backend)
+    return row_loss, RowStatistics(*statistics), top, negative_sum
 
 
 def top1_accuracy(top: Tensor, takes_part: Tensor) -> Tensor:
@@ -227,8 +248,9 @@ def top1_accuracy(top: Tensor, takes_part: Tensor) -> Tensor:
 
 def backward_rows(grad_rows: Tensor, queries: Tensor, keys: Tensor, query_labels: Tensor, key_labels: Optional[Tensor],
                   statistics: RowStatistics, margin: float, gamma: float, exclude_self: bool, detach_alpha: bool,
-                  need_queries: bool, need_keys: bool, backend: str) -> tuple[Tensor, Tensor]:
+                  need_queries: bool, need_keys: bool, backend: str, smooth_pos: float = 0.0,
+                  smooth_neg: float = 0.0) -> tuple[Tensor, Tensor]:
     """(∂L/∂queries, ∂L/∂keys) through the fused_backward op, from forward's statistics."""
     return fused_backward(grad_rows, queries, keys, query_labels, key_labels, statistics.inv_norm_q,
                           statistics.inv_norm_k, statistics.lse_pos, statistics.lse_neg, margin, gamma, exclude_self,
-                          detach_alpha, need_queries, need_keys, backend)
+                          detach_alpha, need_queries, need_keys, smooth_pos, smooth_neg, backend)

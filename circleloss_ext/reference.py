@@ -9,19 +9,27 @@ import torch.nn.functional as F
 EPS = 1e-12  # as F.normalize
 
 
-def circle_loss_rows(queries, keys, query_labels, key_labels, *, margin, gamma, exclude_self, detach_alpha):
+def circle_loss_rows(queries, keys, query_labels, key_labels, *, margin, gamma, exclude_self, detach_alpha,
+                     smooth_pos=0.0, smooth_neg=0.0):
     """(L, has_loss): per-row Circle Loss (B,) and whether row i has both a positive and a negative.
 
     key_labels b_j; for class-level keys (rows of W) pass b_j = j. With exclude_self the keys are the
     queries and the pair (i, i) is left out. Math in float32 (float64 for float64 inputs).
     A row without a positive or a negative takes no part: L_i = 0 and its values (NaN included)
     reach no gradient; as a key it still counts for the other rows.
+    Label smoothing (class level): L_i - smooth_pos·LP_i - smooth_neg·(the sum of row i's negative logits).
     """
     has_loss = rows_with_positive_and_negative(query_labels, key_labels, exclude_self)
     queries = queries.masked_fill(~has_loss[:, None], 0)
-    lse_pos, lse_neg = circle_lse(queries, keys, query_labels, key_labels, margin=margin, gamma=gamma,
-                                  exclude_self=exclude_self, detach_alpha=detach_alpha)
-    return torch.where(has_loss, F.softplus(lse_pos + lse_neg), 0), has_loss
+    lse_pos, lse_neg, negative_sum = circle_lse_of_similarities(
+        cosine_similarities(queries, keys), query_labels, key_labels, margin=margin, gamma=gamma,
+        exclude_self=exclude_self, detach_alpha=detach_alpha, with_negative_sum=True)
+    # softplus as log(1 + e^x) exactly: F.softplus returns x itself beyond x = 20, whose gradient 1
+    # instead of sigmoid(x) is 2e-9 off, too much for a float64 oracle
+    row_loss = torch.logaddexp(lse_pos + lse_neg, torch.zeros_like(lse_pos))
+    if smooth_pos or smooth_neg:
+        row_loss = row_loss - smooth_pos * lse_pos - smooth_neg * negative_sum
+    return torch.where(has_loss, row_loss, 0), has_loss
 
 
 def rows_with_positive_and_negative(query_labels, key_labels, exclude_self):
@@ -61,8 +69,10 @@ def cosine_similarities(queries, keys):
         return F.normalize(queries.to(dtype), dim=1, eps=EPS) @ F.normalize(keys.to(dtype), dim=1, eps=EPS).T
 
 
-def circle_lse_of_similarities(s, query_labels, key_labels, *, margin, gamma, exclude_self, detach_alpha):
-    """(LP, LN) from the similarity matrix s (B × N): Eq. 4-6 of the paper."""
+def circle_lse_of_similarities(s, query_labels, key_labels, *, margin, gamma, exclude_self, detach_alpha,
+                               with_negative_sum=False):
+    """(LP, LN) from the similarity matrix s (B × N): Eq. 4-6 of the paper; with_negative_sum adds the
+    sum of each row's negative logits v (label smoothing needs it)."""
     is_pair = torch.ones_like(s, dtype=torch.bool)
     if exclude_self:
         is_pair.fill_diagonal_(False)
@@ -81,4 +91,6 @@ def circle_lse_of_similarities(s, query_labels, key_labels, *, margin, gamma, ex
 
     lse_pos = torch.logsumexp(u.masked_fill(~positive, float("-inf")), dim=1)
     lse_neg = torch.logsumexp(v.masked_fill(~negative, float("-inf")), dim=1)
+    if with_negative_sum:
+        return lse_pos, lse_neg, v.masked_fill(~negative, 0).sum(dim=1)
     return lse_pos, lse_neg

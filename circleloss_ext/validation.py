@@ -75,6 +75,12 @@ def check_hyperparameters(margin, gamma, reduction, backend, detach_alpha=True) 
     check_bool("detach_alpha", detach_alpha)
 
 
+def check_label_smoothing(label_smoothing) -> None:
+    if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float)) or \
+            not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"label_smoothing must be a number in [0, 1], got {label_smoothing!r}")
+
+
 def check_ignore_index(ignore_index) -> None:
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")

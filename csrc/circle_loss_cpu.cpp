@@ -276,15 +276,13 @@ static at::Tensor combine_splits(const at::Tensor& partial) {
 // max_p partial[.., p, i] over the splits p, in split order.
 static at::Tensor max_over_splits(const at::Tensor& partial) { return std::get<0>(partial.max(1)); }
 
-// (LP, LN, top): float32 (B,) log-sum-exps of each row's positive and negative logits (-inf if none);
+// (LP, LN, top, V): float32 (B,) log-sum-exps of each row's positive and negative logits (-inf if none);
 // with track_top1, top (2, B) holds each row's largest positive and largest negative similarity
-// (-inf if none), else it is empty.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> circle_forward(const at::Tensor& queries, const at::Tensor& keys,
-                                                              const at::Tensor& query_labels,
-                                                              const std::optional<at::Tensor>& key_labels,
-                                                              const at::Tensor& inv_norm_q,
-                                                              const at::Tensor& inv_norm_k, double margin,
-                                                              double gamma, bool exclude_self, bool track_top1) {
+// (-inf if none); with negative_sum, V (B,) the sum of each row's negative logits; each empty otherwise.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> circle_forward(
+    const at::Tensor& queries, const at::Tensor& keys, const at::Tensor& query_labels,
+    const std::optional<at::Tensor>& key_labels, const at::Tensor& inv_norm_q, const at::Tensor& inv_norm_k,
+    double margin, double gamma, bool exclude_self, bool track_top1, bool negative_sum) {
   check_problem(queries, keys, query_labels, key_labels, inv_norm_q, inv_norm_k, exclude_self);
   const Problem pb(queries, keys, query_labels, key_labels, inv_norm_q, inv_norm_k, exclude_self);
   const Epilogue ep{static_cast<float>(margin), static_cast<float>(gamma), true};
@@ -295,6 +293,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> circle_forward(const at::Tensor& 
   at::Tensor top_partial = at::full({2, track_top1 ? pb.splits : 0, B}, kNegInf, at::TensorOptions().dtype(at::kFloat));
   float* top_pos = top_partial.data_ptr<float>();
   float* top_neg = top_pos + (track_top1 ? pb.splits * B : 0);
+  at::Tensor sum_partial = at::zeros({negative_sum ? pb.splits : 0, B}, at::TensorOptions().dtype(at::kFloat));
+  float* neg_sum = sum_partial.data_ptr<float>();
   const int64_t* a = pb.query_labels.data_ptr<int64_t>();
 
   for_each_split(pb, [&](int64_t p, const at::Tensor& k_buf, const at::Tensor& s_buf) {
@@ -314,7 +314,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> circle_forward(const at::Tensor& 
       for (int64_t i = 0; i < B; ++i) {
         const float* s = S + i * ld;
         vfloat tile_max_pos = splat(kNegInf), tile_max_neg = splat(kNegInf);
-        vfloat tile_top_pos = splat(kNegInf), tile_top_neg = splat(kNegInf);
+        vfloat tile_top_pos = splat(kNegInf), tile_top_neg = splat(kNegInf), tile_neg_sum = splat(0.f);
         for (int64_t jj = 0; jj < n; jj += kLanes) {
           const LaneMasks lanes = lane_masks(b, jj, n, a[i], in_batch, j0, i);
           const vfloat sim = load<vfloat>(s + jj);
@@ -326,7 +326,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> circle_forward(const at::Tensor& 
             tile_top_pos = vmax(tile_top_pos, (lanes.pair & lanes.pos) ? sim : splat(kNegInf));
             tile_top_neg = vmax(tile_top_neg, (lanes.pair & ~lanes.pos) ? sim : splat(kNegInf));
           }
+          if (negative_sum) tile_neg_sum += (lanes.pair & ~lanes.pos) ? logit : splat(0.f);
         }
+        if (negative_sum) neg_sum[p * B + i] += hsum(tile_neg_sum);
         if (track_top1) {
           top_pos[p * B + i] = std::max(top_pos[p * B + i], hmax(tile_top_pos));
           top_neg[p * B + i] = std::max(top_neg[p * B + i], hmax(tile_top_neg));
@@ -354,8 +356,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> circle_forward(const at::Tensor& 
       partial_neg[p * B + i] = max_neg[i] + std::log(sum_neg[i]);
     }
   });
-  at::Tensor top = track_top1 ? max_over_splits(top_partial) : at::empty({0}, at::TensorOptions().dtype(at::kFloat));
-  return {combine_splits(partial[0]), combine_splits(partial[1]), top};
+  const auto opts = at::TensorOptions().dtype(at::kFloat);
+  at::Tensor top = track_top1 ? max_over_splits(top_partial) : at::empty({0}, opts);
+  at::Tensor sums = negative_sum ? sum_partial.sum(0) : at::empty({0}, opts);  // a fixed order over splits
+  return {combine_splits(partial[0]), combine_splits(partial[1]), top, sums};
 }
 
 // (dL/dqueries, dL/dkeys) in the inputs' dtypes (empty where not asked for). grad_rows: float32 (B,).
@@ -363,7 +367,7 @@ std::tuple<at::Tensor, at::Tensor> circle_backward(
     const at::Tensor& grad_rows, const at::Tensor& queries, const at::Tensor& keys, const at::Tensor& query_labels,
     const std::optional<at::Tensor>& key_labels, const at::Tensor& inv_norm_q, const at::Tensor& inv_norm_k,
     const at::Tensor& lse_pos, const at::Tensor& lse_neg, double margin, double gamma, bool exclude_self,
-    bool detach_alpha, bool need_queries, bool need_keys) {
+    bool detach_alpha, bool need_queries, bool need_keys, double smooth_pos, double smooth_neg) {
   check_problem(queries, keys, query_labels, key_labels, inv_norm_q, inv_norm_k, exclude_self);
   for (const auto& [t, name] : {std::pair{&grad_rows, "grad_rows"}, std::pair{&lse_pos, "lse_pos"},
                                 std::pair{&lse_neg, "lse_neg"}}) {
@@ -375,6 +379,8 @@ std::tuple<at::Tensor, at::Tensor> circle_backward(
   const at::Tensor row_scale = (at::sigmoid(lse_pos + lse_neg) * grad_rows).contiguous();  // sigma_i
   const at::Tensor lp = lse_pos.contiguous(), ln = lse_neg.contiguous();
   const float* sigma = row_scale.data_ptr<float>();
+  const at::Tensor upstream = grad_rows.contiguous();
+  const float* g_up = upstream.data_ptr<float>();
   const float* lse_p = lp.data_ptr<float>();
   const float* lse_n = ln.data_ptr<float>();
   const int64_t* a = pb.query_labels.data_ptr<int64_t>();
@@ -405,12 +411,16 @@ std::tuple<at::Tensor, at::Tensor> circle_backward(
       for (int64_t i = 0; i < B; ++i) {
         float* g_row = g_tile.data_ptr<float>() + i * ld;  // s_ij on entry, dL/ds_ij on exit
         const vfloat lse_pos_i = splat(lse_p[i]), lse_neg_i = splat(lse_n[i]), sigma_i = splat(sigma[i]);
+        // label smoothing: G = g_i (sigma_i e - c) slope, c = c_p on positives, c_n on negatives
+        const vfloat c_pos = splat(g_up[i] * static_cast<float>(smooth_pos));
+        const vfloat c_neg = splat(g_up[i] * static_cast<float>(smooth_neg));
         vfloat row_radial = splat(0.f);
         for (int64_t jj = 0; jj < n; jj += kLanes) {
           const LaneMasks lanes = lane_masks(b, jj, n, a[i], in_batch, j0, i);
           const vfloat s = lanes.pair ? load<vfloat>(g_row + jj) : splat(0.f);
           const vfloat e = vexp(ep.logit(s, lanes.pos) - (lanes.pos ? lse_pos_i : lse_neg_i));
-          const vfloat g = lanes.pair ? sigma_i * e * ep.slope(s, lanes.pos) : splat(0.f);
+          const vfloat g = lanes.pair ? (sigma_i * e - (lanes.pos ? c_pos : c_neg)) * ep.slope(s, lanes.pos)
+                                      : splat(0.f);
           store(g_row + jj, g);
           row_radial += g * s;
           store(radial_k + jj, load<vfloat>(radial_k + jj) + g * s);
@@ -453,9 +463,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("inverse_norms", &inverse_norms, "1 / max(|x_r|, eps) per row, float32", py::arg("x"));
   m.def("circle_forward", &circle_forward, "(LP, LN, top) per row", py::arg("queries"), py::arg("keys"),
         py::arg("query_labels"), py::arg("key_labels"), py::arg("inv_norm_q"), py::arg("inv_norm_k"),
-        py::arg("margin"), py::arg("gamma"), py::arg("exclude_self"), py::arg("track_top1"));
+        py::arg("margin"), py::arg("gamma"), py::arg("exclude_self"), py::arg("track_top1"),
+        py::arg("negative_sum"));
   m.def("circle_backward", &circle_backward, "(dL/dqueries, dL/dkeys)", py::arg("grad_rows"), py::arg("queries"),
         py::arg("keys"), py::arg("query_labels"), py::arg("key_labels"), py::arg("inv_norm_q"),
         py::arg("inv_norm_k"), py::arg("lse_pos"), py::arg("lse_neg"), py::arg("margin"), py::arg("gamma"),
-        py::arg("exclude_self"), py::arg("detach_alpha"), py::arg("need_queries"), py::arg("need_keys"));
+        py::arg("exclude_self"), py::arg("detach_alpha"), py::arg("need_queries"), py::arg("need_keys"),
+        py::arg("smooth_pos"), py::arg("smooth_neg"));
 }

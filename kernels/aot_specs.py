@@ -24,7 +24,7 @@ from .presets import LaunchConfig, dot_precision
 from .row_norm import inv_norm_kernel
 
 OPERAND_TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
-_FLOAT_SCALARS = {"margin", "gamma", "eps"}
+_FLOAT_SCALARS = {"margin", "gamma", "eps", "smooth_pos", "smooth_neg"}
 _UNIT_STRIDES = {"stride_qd", "stride_kd", "stride_d"}
 _MULTIPLES_OF_16 = {"D", "stride_qb", "stride_kn", "stride_r", "keys_per_split", "key_start", "h_stride"}
 # Label forms: class-level keys (rows of W), pair-wise against a reference set, pair-wise within the batch.
@@ -82,11 +82,12 @@ def launches(dtypes=tuple(OPERAND_TYPES)) -> list[Launch]:
         result.append(_launch("inv_norm", inv_norm_kernel, dtype, "", {"x_ptr": x}))
         for form, flags in _LABEL_FORMS.items():
             result.append(_launch("forward", circle_forward_kernel, dtype, form, circle,
-                                  DOT_PRECISION=precision, TRACK_TOP1=False, **flags))
+                                  DOT_PRECISION=precision, TRACK_TOP1=False, NEGATIVE_SUM=False, **flags))
             for detach in (True, False):
                 variant = f"{form} {'detach' if detach else 'full'}-alpha"
                 result.append(_launch("grad_similarity", circle_grad_similarity_kernel, dtype, variant,
                                       {**circle, "h_ptr": x}, DETACH_ALPHA=detach, NEED_RADIAL=True,
+                                      LABEL_SMOOTHING=False,
                                       DOT_PRECISION=precision, **flags))
         result.append(_launch("grad_queries", circle_grad_queries_kernel, dtype, "", {"h_ptr": x, "k_ptr": x},
                               DOT_PRECISION=precision))

@@ -51,27 +51,32 @@ def chunk_keys(B: int, N: int, h_dtype: torch.dtype, row_blocks: int, align: int
 # below 2^14. |G_ij| ≤ σ_i · |slope| and |slope| ≤ γ(4 + |m|) for cosines in [-1, 1] (5 + |m| leaves room
 # for rounding): entries below the bound by more than 2^38 flush to zero, a relative 4e-12 of the
 # largest. bf16 and fp32 share fp32's exponent range and use c = 1.
-def _grad_scale(h_dtype, row_scale, inv_norm_q, inv_norm_k, margin, gamma) -> torch.Tensor:
+def _grad_scale(h_dtype, row_scale, grad_rows, smoothing, inv_norm_q, inv_norm_k, margin, gamma) -> torch.Tensor:
     one = torch.ones(1, device=row_scale.device, dtype=torch.float32)
     if h_dtype != torch.float16:
         return one
-    bound = (row_scale.abs() * inv_norm_q).amax() * inv_norm_k.amax() * (gamma * (5.0 + abs(margin)))
+    row_bound = row_scale.abs() + grad_rows.abs() * smoothing  # |σ_i·weight - c| ≤ σ_i + c, c ≤ ε
+    bound = (row_bound * inv_norm_q).amax() * inv_norm_k.amax() * (gamma * (5.0 + abs(margin)))
     exponent = torch.floor(14.0 - torch.log2(bound)).clamp(-100.0, 100.0)
     return one * torch.exp2(exponent)
 
 
 def circle_backward(grad_rows, queries, keys, query_labels, key_labels, inv_norm_q, inv_norm_k,
-                    lse_pos, lse_neg, margin, gamma, exclude_self, detach_alpha, need_queries, need_keys):
+                    lse_pos, lse_neg, margin, gamma, exclude_self, detach_alpha, need_queries, need_keys,
+                    smooth_pos=0.0, smooth_neg=0.0):
     """(∂L/∂queries, ∂L/∂keys) in the inputs' dtypes (None where not needed).
 
-    grad_rows: float32 (B,) upstream gradient g_i of each row loss L_i = softplus(LP_i + LN_i).
+    grad_rows: float32 (B,) upstream gradient g_i of each row loss L_i = softplus(LP_i + LN_i)
+    - smooth_pos·LP_i - smooth_neg·V_i (label smoothing: V_i the sum of the row's negative logits).
     """
     problem = problem_arguments(queries, keys, query_labels, key_labels, inv_norm_q, inv_norm_k, margin, gamma,
                                 exclude_self)
     B, N, D = problem["B"], problem["N"], problem["D"]
     row_scale = torch.sigmoid(lse_pos + lse_neg) * grad_rows  # σ_i; 0 for rows without a loss
     h_dtype = keys.dtype
-    grad_scale = _grad_scale(h_dtype, row_scale, inv_norm_q, inv_norm_k, margin, gamma)
+    smoothing = smooth_pos != 0.0 or smooth_neg != 0.0
+    grad_scale = _grad_scale(h_dtype, row_scale, grad_rows, max(abs(smooth_pos), abs(smooth_neg)), inv_norm_q,
+                             inv_norm_k, margin, gamma)
     similarity_cfg = tile_config("grad_similarity", queries)
     queries_cfg = tile_config("grad_queries", queries)
     keys_cfg = tile_config("grad_keys", queries)
@@ -90,9 +95,10 @@ def circle_backward(grad_rows, queries, keys, query_labels, key_labels, inv_norm
         span = dict(key_start=key_start, chunk_len=chunk_len, h_stride=chunk)
         splits, keys_per_split = key_splits(chunk_len, row_blocks, similarity_cfg.blocks["BLOCK_N"], queries)
         circle_grad_similarity_kernel[(row_blocks, splits)](
-            **problem, lse_pos_ptr=lse_pos, lse_neg_ptr=lse_neg, row_scale_ptr=row_scale, grad_scale_ptr=grad_scale,
-            h_ptr=h, radial_ptr=radial, **span, keys_per_split=keys_per_split, DETACH_ALPHA=detach_alpha,
-            NEED_RADIAL=need_keys, EVEN_D=even_d(D, similarity_cfg), **similarity_cfg.kwargs())
+            **problem, lse_pos_ptr=lse_pos, lse_neg_ptr=lse_neg, row_scale_ptr=row_scale, grad_rows_ptr=grad_rows,
+            grad_scale_ptr=grad_scale, h_ptr=h, radial_ptr=radial, **span, keys_per_split=keys_per_split,
+            smooth_pos=smooth_pos, smooth_neg=smooth_neg, DETACH_ALPHA=detach_alpha, NEED_RADIAL=need_keys,
+            LABEL_SMOOTHING=smoothing, EVEN_D=even_d(D, similarity_cfg), **similarity_cfg.kwargs())
         if need_queries:
             splits, keys_per_split = key_splits(chunk_len, q_tiles, queries_cfg.blocks["BLOCK_N"], queries)
             partial = torch.empty(splits, B, D, device=device, dtype=torch.float32)

@@ -13,6 +13,7 @@ similarity, against the running maximum of the kind it belongs to.
 
 With TRACK_TOP1 the kernel also keeps each row's largest positive and largest negative similarity
 (the nearest key of each kind, for top-1 accuracy): one select and one max per similarity more.
+With NEGATIVE_SUM it keeps V_i, the sum of each row's negative logits, which label smoothing needs.
 """
 import torch
 import triton
@@ -49,10 +50,10 @@ def _gathered_positive(q_ptr, k_ptr, inv_norm_k_ptr, rows, q_label, inv_norm_q, 
 @triton.jit
 def circle_forward_kernel(
     q_ptr, k_ptr, q_label_ptr, k_label_ptr, inv_norm_q_ptr, inv_norm_k_ptr,
-    lse_pos_ptr, lse_neg_ptr, top_ptr,
+    lse_pos_ptr, lse_neg_ptr, top_ptr, negative_sum_ptr,
     B, N, D, stride_qb, stride_qd, stride_kn, stride_kd, keys_per_split,
     margin, gamma,
-    CLASS_LEVEL: tl.constexpr, EXCLUDE_SELF: tl.constexpr, TRACK_TOP1: tl.constexpr,
+    CLASS_LEVEL: tl.constexpr, EXCLUDE_SELF: tl.constexpr, TRACK_TOP1: tl.constexpr, NEGATIVE_SUM: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
@@ -65,6 +66,7 @@ def circle_forward_kernel(
     sum_neg = tl.zeros((BLOCK_B,), tl.float32)
     top_pos = tl.full((BLOCK_B,), float("-inf"), tl.float32)
     top_neg = tl.full((BLOCK_B,), float("-inf"), tl.float32)
+    negative_sum = tl.zeros((BLOCK_B,), tl.float32)
     key_start = split.to(tl.int64) * keys_per_split
     key_stop = tl.minimum(key_start + keys_per_split, N)
     q_label = row_labels(q_label_ptr, rows, B, CLASS_LEVEL)
@@ -86,6 +88,8 @@ def circle_forward_kernel(
             logit2 = tl.where(absent, float("-inf"), logit2)
             if TRACK_TOP1:
                 top_neg = tl.maximum(top_neg, tl.max(tl.where(absent, float("-inf"), s), axis=1))
+            if NEGATIVE_SUM:
+                negative_sum += tl.sum(tl.where(absent, 0.0, logit2), axis=1)
             # online log-sum-exp: rescale the running sum to the new maximum, add this tile
             max_neg, sum_neg, shift = _rescale(max_neg, sum_neg, tl.max(logit2, axis=1))
             sum_neg += tl.sum(tl.exp2(logit2 - shift[:, None]), axis=1)
@@ -96,6 +100,8 @@ def circle_forward_kernel(
             if TRACK_TOP1:
                 top_pos = tl.maximum(top_pos, tl.max(tl.where(is_pos & ~absent, s, float("-inf")), axis=1))
                 top_neg = tl.maximum(top_neg, tl.max(tl.where(is_pos | absent, float("-inf"), s), axis=1))
+            if NEGATIVE_SUM:
+                negative_sum += tl.sum(tl.where(is_pos | absent, 0.0, logit2), axis=1)
             # online log-sum-exp for each kind: new maxima, then one exp2 per similarity against its own
             max_pos, sum_pos, shift_pos = _rescale(max_pos, sum_pos,
                                                    tl.max(tl.where(is_pos, logit2, float("-inf")), axis=1))
@@ -116,6 +122,8 @@ def circle_forward_kernel(
     # back to natural units (LP, LN are log-sum-exps of u and v)
     tl.store(lse_pos_ptr + out, lse_pos * 0.6931471805599453, mask=rows < B)
     tl.store(lse_neg_ptr + out, (max_neg + tl.log2(sum_neg)) * 0.6931471805599453, mask=rows < B)
+    if NEGATIVE_SUM:  # (splits, B), in natural units
+        tl.store(negative_sum_ptr + out, negative_sum * 0.6931471805599453, mask=rows < B)
     if TRACK_TOP1:  # top: (2, splits, B)
         tl.store(top_ptr + out, top_pos, mask=rows < B)
         tl.store(top_ptr + tl.num_programs(1).to(tl.int64) * B + out, top_neg, mask=rows < B)
@@ -130,10 +138,10 @@ def key_splits(num_keys: int, row_blocks: int, block_n: int, x: torch.Tensor) ->
 
 
 def circle_forward(queries, keys, query_labels, key_labels, inv_norm_q, inv_norm_k, margin, gamma,
-                   exclude_self, track_top1=False):
-    """(LP, LN, top): float32 (B,) log-sum-exps over each row's positives and negatives (-inf if none);
-    with track_top1, top (2, B) holds each row's largest positive and negative similarity (-inf if
-    none), else it is empty."""
+                   exclude_self, track_top1=False, negative_sum=False):
+    """(LP, LN, top, V): float32 (B,) log-sum-exps over each row's positives and negatives (-inf if
+    none); with track_top1, top (2, B) holds each row's largest positive and negative similarity (-inf
+    if none); with negative_sum, V (B,) the sum of each row's negative logits; each empty otherwise."""
     problem = problem_arguments(queries, keys, query_labels, key_labels, inv_norm_q, inv_norm_k, margin, gamma,
                                 exclude_self)
     cfg = tile_config("forward", queries)
@@ -142,8 +150,11 @@ def circle_forward(queries, keys, query_labels, key_labels, inv_norm_q, inv_norm
     partial_pos = torch.empty(splits, problem["B"], device=queries.device, dtype=torch.float32)
     partial_neg = torch.empty_like(partial_pos)
     top = torch.empty(2, splits if track_top1 else 0, problem["B"], device=queries.device, dtype=torch.float32)
+    partial_sum = torch.empty(splits if negative_sum else 0, problem["B"], device=queries.device, dtype=torch.float32)
     circle_forward_kernel[(row_blocks, splits)](
-        **problem, lse_pos_ptr=partial_pos, lse_neg_ptr=partial_neg, top_ptr=top, keys_per_split=keys_per_split,
-        TRACK_TOP1=track_top1, EVEN_D=even_d(problem["D"], cfg), **cfg.kwargs())
+        **problem, lse_pos_ptr=partial_pos, lse_neg_ptr=partial_neg, top_ptr=top, negative_sum_ptr=partial_sum,
+        keys_per_split=keys_per_split, TRACK_TOP1=track_top1, NEGATIVE_SUM=negative_sum,
+        EVEN_D=even_d(problem["D"], cfg), **cfg.kwargs())
     top = top.amax(dim=1) if track_top1 else top.new_empty(0)
-    return torch.logsumexp(partial_pos, dim=0), torch.logsumexp(partial_neg, dim=0), top
+    return torch.logsumexp(partial_pos, dim=0), torch.logsumexp(partial_neg, dim=0), top, partial_sum.sum(dim=0) \
+        if negative_sum else partial_sum.new_empty(0)

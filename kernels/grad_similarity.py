@@ -12,6 +12,8 @@ matrix products of backward take raw operands: H · K = c·G · K̂ / ‖q_i‖ 
 The radial sums c·σ_j = c·Σ_i G_ij s_ij are summed from H as stored (rounded to the workspace dtype),
 so that grad_keys removes exactly the radial part of the Hᵀ · Q it computes.
 Every element of both outputs has one writer: no atomics, the same bits on every run.
+With LABEL_SMOOTHING, G_ij = g_i·(σ_i·weight − c)·slope: the smoothed target moves c = c_p = ε(1 − 1/C)
+from the positive and c = c_n = ε/C onto every negative.
 """
 import triton
 import triton.language as tl
@@ -22,10 +24,11 @@ from .tile import circle_epilogue, dot_tile, positive_pairs, row_labels, same_ro
 @triton.jit
 def circle_grad_similarity_kernel(
     q_ptr, k_ptr, q_label_ptr, k_label_ptr, inv_norm_q_ptr, inv_norm_k_ptr,
-    lse_pos_ptr, lse_neg_ptr, row_scale_ptr, grad_scale_ptr, h_ptr, radial_ptr,
+    lse_pos_ptr, lse_neg_ptr, row_scale_ptr, grad_rows_ptr, grad_scale_ptr, h_ptr, radial_ptr,
     B, N, D, stride_qb, stride_qd, stride_kn, stride_kd, key_start, chunk_len, h_stride, keys_per_split,
-    margin, gamma,
+    margin, gamma, smooth_pos, smooth_neg,
     CLASS_LEVEL: tl.constexpr, EXCLUDE_SELF: tl.constexpr, DETACH_ALPHA: tl.constexpr, NEED_RADIAL: tl.constexpr,
+    LABEL_SMOOTHING: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
@@ -40,6 +43,8 @@ def circle_grad_similarity_kernel(
     row_scale = tl.load(row_scale_ptr + rows, mask=row_ok, other=0.0)  # σ_i
     h_row = row_scale * inv_norm_q * tl.load(grad_scale_ptr)  # H_ij = h_row_i · (G_ij / σ_i) · (1/‖k_j‖)
     q_label = row_labels(q_label_ptr, rows, B, CLASS_LEVEL)
+    if LABEL_SMOOTHING:  # the smoothed target's share, g_i·c_p or g_i·c_n, in the units of h_row
+        smooth_row = tl.load(grad_rows_ptr + rows, mask=row_ok, other=0.0) * inv_norm_q * tl.load(grad_scale_ptr)
     local_start = split.to(tl.int64) * keys_per_split
     local_stop = tl.minimum(local_start + keys_per_split, chunk_len)
     for j0 in range(local_start, local_stop, BLOCK_N):
@@ -57,8 +62,12 @@ def circle_grad_similarity_kernel(
         absent = (keys >= N)[None, :]
         if EXCLUDE_SELF:
             absent = absent | same_row_and_key(rows, key_start + j0, BLOCK_N)
-        unit_grad = tl.where(absent, 0.0, weight * slope)
-        h = (unit_grad * h_row[:, None] * inv_norm_k[None, :]).to(h_ptr.dtype.element_ty)
+        if LABEL_SMOOTHING:  # G_ij = g_i·(σ_i·weight - c)·slope, c = c_p on the positive, c_n on negatives
+            smooth = smooth_row[:, None] * tl.where(is_pos, smooth_pos, smooth_neg)
+            h = tl.where(absent, 0.0, (h_row[:, None] * weight - smooth) * slope) * inv_norm_k[None, :]
+        else:
+            h = tl.where(absent, 0.0, weight * slope) * h_row[:, None] * inv_norm_k[None, :]
+        h = h.to(h_ptr.dtype.element_ty)
         in_chunk = (local < chunk_len)[None, :]
         tl.store(h_ptr + rows[:, None] * h_stride + local[None, :], h, mask=row_ok[:, None] & in_chunk)
         if NEED_RADIAL:  # c·σ_j's share from these rows, times ‖k_j‖: Σ_i H_ij (q_i · k_j)

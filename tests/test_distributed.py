@@ -173,6 +173,35 @@ def test_autocast_with_an_fp32_weight(embedding_dtype):
     run_ranks(_autocast_with_fp32_weight, 2, embedding_dtype)
 
 
+def _label_smoothing(rank, world_size, backend, dtype, tol):
+    """label_smoothing over all shards: circle_loss(label_smoothing=ε) on the whole batch and class matrix."""
+    num_classes = 14
+    gen = torch.Generator().manual_seed(21)
+    embeddings = torch.randn(world_size * LOCAL_BATCH, EMB_DIM, generator=gen, dtype=torch.float64)
+    full_weight = torch.randn(num_classes, EMB_DIM, generator=gen, dtype=torch.float64)
+    labels = torch.randint(0, num_classes, (world_size * LOCAL_BATCH,), generator=gen)
+    labels[1] = -100
+    e_all, w_all = embeddings.clone().requires_grad_(), full_weight.clone().requires_grad_()
+    expected = cl.circle_loss(e_all, w_all, labels, gamma=32.0, label_smoothing=0.2, backend="reference")
+    expected.backward()
+    head = ShardedCircleLoss(num_classes, EMB_DIM, gamma=32.0, label_smoothing=0.2, dtype=dtype, backend=backend)
+    with torch.no_grad():
+        head.weight.copy_(full_weight[head.class_start:head.class_stop])
+    rows = slice(rank * LOCAL_BATCH, (rank + 1) * LOCAL_BATCH)
+    local = embeddings[rows].to(dtype).requires_grad_()
+    loss = head(local, labels[rows])
+    loss.backward()
+    torch.testing.assert_close(loss.double(), expected, rtol=tol, atol=tol)
+    torch.testing.assert_close(local.grad.double(), world_size * e_all.grad[rows], rtol=tol, atol=tol)
+    torch.testing.assert_close(head.weight.grad.double(), w_all.grad[head.class_start:head.class_stop], rtol=tol,
+                               atol=tol)
+
+
+@pytest.mark.parametrize("backend,dtype,tol", [("auto", torch.float64, 1e-10), ("cpu", torch.float32, 1e-4)])
+def test_label_smoothing_over_all_shards(backend, dtype, tol):
+    run_ranks(_label_smoothing, 3, backend, dtype, tol)
+
+
 def _accuracy(rank, world_size, backend):
     """track_accuracy: the global batch's share of rows whose own class has the highest cosine over all
     shards, the same on every rank."""
