@@ -164,3 +164,14 @@ def test_fused_backends_provide_the_backend_interface(backend):
         if backend == "triton":
             expected = [p for p in inspect.signature(member).parameters if p != "self"]
             assert list(inspect.signature(getattr(impl, name)).parameters) == expected, name
+
+
+def test_every_subpackage_is_packaged():
+    """A wheel holds only the packages pyproject.toml lists: every folder of circleloss_ext with an
+    __init__.py must be among them (CI installs the wheel, not the source tree)."""
+    import tomllib
+    with open(os.path.join(REPO, "pyproject.toml"), "rb") as f:
+        listed = set(tomllib.load(f)["tool"]["setuptools"]["packages"])
+    found = {"circleloss_ext." + name for name in os.listdir(os.path.join(REPO, "circleloss_ext"))
+             if os.path.isfile(os.path.join(REPO, "circleloss_ext", name, "__init__.py"))}
+    assert found | {"circleloss_ext", "circleloss_ext.kernels"} == listed
