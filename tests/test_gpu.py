@@ -118,3 +118,22 @@ def test_fp32_follows_the_matmul_precision(precision):
         assert errors[0] <= 1e-3 and all(e < 1.0 for e in errors)
     else:
         assert max(errors) <= 2e-4
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_accuracy_and_label_smoothing_compiled(dtype):
+    """The TRACK_TOP1, NEGATIVE_SUM and LABEL_SMOOTHING variants, compiled, across the presets' tiles."""
+    emb, weight, labels, _ = make_inputs(300, 20_011, 130, dtype=dtype)
+    weight[labels[:150]] = emb[:150] * 2.0
+    check_against_reference(cl.circle_loss, (emb, weight, labels), "triton", dtype=dtype, label_smoothing=0.1)
+    _, accuracy = cl.circle_loss(emb, weight, labels, backend="triton", with_accuracy=True)
+    cosines = torch.nn.functional.normalize(emb.double()) @ torch.nn.functional.normalize(weight.double()).T
+    expected = (cosines.argmax(dim=1) == labels).double().mean().item()
+    assert 0.3 < expected < 0.9 and abs(accuracy.item() - expected) <= 1 / 300
+    pair_labels = labels % 40
+    _, pair_accuracy = cl.pairwise_circle_loss(emb, pair_labels, backend="triton", with_accuracy=True)
+    pair_cosines = torch.nn.functional.normalize(emb.double()) @ torch.nn.functional.normalize(emb.double()).T
+    pair_cosines.fill_diagonal_(float("-inf"))
+    nearest = pair_labels[pair_cosines.argmax(dim=1)] == pair_labels
+    same = (pair_labels[:, None] == pair_labels[None, :]).sum(dim=1) > 1
+    assert abs(pair_accuracy.item() - (nearest & same).double().sum().item() / same.sum().item()) <= 2 / 300
