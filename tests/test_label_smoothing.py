@@ -54,3 +54,18 @@ def test_label_smoothing_is_checked():
             cl.circle_loss(emb, weight, labels, label_smoothing=bad)
     with pytest.raises(ValueError, match="label_smoothing"):
         cl.CircleLoss(5, 3, label_smoothing=2.0)
+
+
+def test_fast_reid_smoothing_is_a_rescaled_epsilon():
+    """fast-reid's cross_entropy_loss(eps) gives the target 1 - eps and every other class eps/(C - 1);
+    F.cross_entropy's label_smoothing ε gives ε/C to every class. They agree for ε = eps·C/(C - 1), which
+    is what a fast-reid recipe (CircleSoftmax, eps = 0.1) passes here."""
+    emb, weight, labels, _ = make_inputs(11, 23, 9, dtype=torch.float64, device="cpu")
+    eps, num_classes = 0.1, weight.shape[0]
+    cosines = F.normalize(emb) @ F.normalize(weight).T
+    logits = CircleMargin(m=0.25, gamma=64.0)(cosines, labels[:, None])
+    targets = torch.full_like(logits, eps / (num_classes - 1)).scatter_(1, labels[:, None], 1 - eps)
+    fast_reid = (-targets * F.log_softmax(logits, dim=1)).sum(dim=1).mean()
+    ours = cl.circle_loss(emb, weight, labels, m=0.25, gamma=64.0, backend="reference",
+                          label_smoothing=eps * num_classes / (num_classes - 1))
+    torch.testing.assert_close(ours, fast_reid)
