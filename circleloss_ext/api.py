@@ -8,7 +8,7 @@ from . import reference
 from .function import FusedRows
 from .ops import resolve_backend, top1_accuracy
 from .validation import (as_index_labels, check_bool, check_hyperparameters, check_ignore_index, check_label_smoothing,
-                         check_label_values, check_labels, check_matrix, check_same)
+                         check_label_values, check_labels, check_matrix, check_same, check_slot_indices)
 
 Reduction = Literal["none", "sum", "mean"]
 Backend = Literal["auto", "triton", "cpu", "reference"]
@@ -42,7 +42,7 @@ def _reduce(row_loss, has_loss, reduction, dtype):
 
 
 def _rows(backend, queries, keys, query_labels, key_labels, margin, gamma, exclude_self, detach_alpha, track_top1,
-          smooth_pos=0.0, smooth_neg=0.0):
+          smooth_pos=0.0, smooth_neg=0.0, excluded_keys=None):
     """(L, has_loss, top) per row; key_labels None means class-level keys (b_j = j); top (2, B) is each
     row's largest positive and negative similarity with track_top1, else empty; smooth_pos, smooth_neg:
     label smoothing's c_p, c_n."""
@@ -52,14 +52,14 @@ def _rows(backend, queries, keys, query_labels, key_labels, margin, gamma, exclu
         row_loss, has_loss = reference.circle_loss_rows(queries, keys, query_labels, key_labels, margin=margin,
                                                         gamma=gamma, exclude_self=exclude_self,
                                                         detach_alpha=detach_alpha, smooth_pos=smooth_pos,
-                                                        smooth_neg=smooth_neg)
-        top = reference.nearest_similarities(queries, keys, query_labels, key_labels, exclude_self=exclude_self) \
-            if track_top1 else row_loss.new_empty(0)
+                                                        smooth_neg=smooth_neg, excluded_keys=excluded_keys)
+        top = reference.nearest_similarities(queries, keys, query_labels, key_labels, exclude_self=exclude_self,
+                                             excluded_keys=excluded_keys) if track_top1 else row_loss.new_empty(0)
         return row_loss, has_loss, top
     if exclude_self:
         keys, key_labels = None, None
     return FusedRows.apply(queries, keys, query_labels, key_labels, float(margin), float(gamma), detach_alpha,
-                           backend, track_top1, smooth_pos, smooth_neg)
+                           backend, track_top1, smooth_pos, smooth_neg, excluded_keys)
 
 
 def smoothing_coefficients(label_smoothing: float, num_classes: int) -> tuple[float, float]:
@@ -119,7 +119,7 @@ def pairwise_circle_loss(embeddings: Tensor, labels: Tensor, *, ref_embeddings: 
                          ref_labels: Optional[Tensor] = None, m: float = 0.4, gamma: float = 80.0,
                          reduction: Reduction = "mean", detach_alpha: bool = True,
                          backend: Backend = "auto", with_accuracy: bool = False,
-                label_smoothing: float = 0.0) -> Union[Tensor, tuple[Tensor, Tensor]]:
+                         ref_self_index: Optional[Tensor] = None) -> Union[Tensor, tuple[Tensor, Tensor]]:
     """Circle Loss with pair-wise labels: each embedding against the others of the batch (the pair
     (i, i) left out) or against a reference set (ref_embeddings (N, D), ref_labels (N,), e.g. a
     cross-batch memory). Positives share the label, negatives do not; rows without a positive or
@@ -127,6 +127,9 @@ def pairwise_circle_loss(embeddings: Tensor, labels: Tensor, *, ref_embeddings: 
     Other arguments and the backends ("auto", "triton", "cpu", "reference") as circle_loss.
     with_accuracy=True returns (loss, accuracy): the share of the rows that take part whose nearest
     key (highest cosine) shares their label, i.e. retrieval precision at 1.
+    ref_self_index (B,) int64 or int32, with a reference set: the key of the set that is each row's own
+    slot (-1 for none), left out of that row's pairs, as a cross-batch memory that already holds the
+    current batch needs; O(B), no B × N mask. The in-batch form is the case ref_self_index[i] = i.
     """
     check_matrix("embeddings", embeddings)
     check_labels("labels", labels, embeddings.shape[0], "embeddings")
@@ -139,6 +142,14 @@ def pairwise_circle_loss(embeddings: Tensor, labels: Tensor, *, ref_embeddings: 
         check_same("ref_embeddings", ref_embeddings, "embeddings", embeddings, dtype=not _autocasting(embeddings))
         check_labels("ref_labels", ref_labels, ref_embeddings.shape[0], "ref_embeddings")
         check_same("ref_labels", ref_labels, "embeddings", embeddings, dtype=False)
+    if ref_self_index is not None:
+        if ref_embeddings is None:
+            raise ValueError("ref_self_index needs a reference set (ref_embeddings, ref_labels); the in-batch form "
+                             "leaves out each row's own pair already")
+        check_labels("ref_self_index", ref_self_index, embeddings.shape[0], "embeddings")
+        check_same("ref_self_index", ref_self_index, "embeddings", embeddings, dtype=False)
+        check_slot_indices(ref_self_index, ref_embeddings.shape[0])
+        ref_self_index = as_index_labels(ref_self_index)
     check_hyperparameters(m, gamma, reduction, backend, detach_alpha)
     check_bool("with_accuracy", with_accuracy)
     labels = as_index_labels(labels)
@@ -151,7 +162,7 @@ def pairwise_circle_loss(embeddings: Tensor, labels: Tensor, *, ref_embeddings: 
         ref_embeddings = embeddings
     run = resolve_backend(backend, embeddings)
     row_loss, has_loss, top = _rows(run, embeddings, ref_embeddings, labels, ref_labels, m, gamma, exclude_self,
-                                    detach_alpha, with_accuracy)
+                                    detach_alpha, with_accuracy, excluded_keys=ref_self_index)
     return _result(row_loss, has_loss, top, reduction, out_dtype, with_accuracy)
 
 

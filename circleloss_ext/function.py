@@ -15,16 +15,19 @@ class FusedRows(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, queries, keys, query_labels, key_labels, margin, gamma, detach_alpha, backend, track_top1=False,
-                smooth_pos=0.0, smooth_neg=0.0):
+                smooth_pos=0.0, smooth_neg=0.0, excluded_keys=None):
         """(L, has_loss, top): top (2, B) is each row's largest positive and negative similarity with
-        track_top1, else empty; smooth_pos, smooth_neg: label smoothing's c_p, c_n (ops.smoothed_rows)."""
+        track_top1, else empty; smooth_pos, smooth_neg: label smoothing's c_p, c_n (ops.smoothed_rows);
+        excluded_keys (B,) int64: each row's own slot in a reference set (-1: none)."""
         exclude_self = keys is None
         if exclude_self:
             keys, key_labels = queries, query_labels
         row_loss, statistics, top, _ = ops.forward_rows(queries, keys, query_labels, key_labels, margin, gamma,
-                                                        exclude_self, backend, track_top1, smooth_pos, smooth_neg)
+                                                        exclude_self, backend, track_top1, smooth_pos, smooth_neg,
+                                                        excluded_keys)
         ctx.save_for_backward(queries, keys, query_labels, key_labels, *statistics.tensors())
         ctx.hyper = (margin, gamma, exclude_self, detach_alpha, backend, smooth_pos, smooth_neg)
+        ctx.excluded_keys = excluded_keys
         has_loss = statistics.takes_part()
         ctx.mark_non_differentiable(has_loss, top)
         return row_loss, has_loss, top
@@ -38,7 +41,8 @@ class FusedRows(torch.autograd.Function):
         non_tensors = (None,) * (len(ctx.needs_input_grad) - 2)  # labels, settings (CircleLossFunction takes fewer)
         grad_q, grad_k = ops.backward_rows(
             grad_rows.float().contiguous(), queries, keys, query_labels, key_labels, ops.RowStatistics(*statistics),
-            margin, gamma, exclude_self, detach_alpha, need_queries, need_keys, backend, smooth_pos, smooth_neg)
+            margin, gamma, exclude_self, detach_alpha, need_queries, need_keys, backend, smooth_pos, smooth_neg,
+            ctx.excluded_keys)
         if exclude_self:  # queries and keys are one tensor: both contributions land on its rows
             return (grad_q + grad_k if need_queries else None, None, *non_tensors)
         return (grad_q if need_queries else None, grad_k if need_keys else None, *non_tensors)

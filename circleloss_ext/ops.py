@@ -76,7 +76,8 @@ class FusedBackend(Protocol):
 
     The callers (fused_forward, fused_backward below) have checked every size, made rows that take
     no part inert, and pass float32 statistics; operands may have any strides, labels are int64
-    (B,) / (N,) in any layout; key_labels None means class-level keys (b_j = j).
+    (B,) / (N,) in any layout; key_labels None means class-level keys (b_j = j); excluded_keys None, or
+    int64 (B,): the key j = excluded_keys[i] is no pair of row i (-1: none; in-batch keys pass i itself).
     """
 
     def inverse_norms(self, x: Tensor) -> Tensor:
@@ -84,16 +85,18 @@ class FusedBackend(Protocol):
 
     def circle_forward(self, queries: Tensor, keys: Tensor, query_labels: Tensor, key_labels: Optional[Tensor],
                        inv_norm_q: Tensor, inv_norm_k: Tensor, margin: float, gamma: float,
-                       exclude_self: bool, track_top1: bool, negative_sum: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                       excluded_keys: Optional[Tensor], track_top1: bool,
+                       negative_sum: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """(LP, LN, top, V): LP, LN float32 (B,), log-sum-exps of each row's positive and negative logits,
-        -inf where the row has none; exclude_self: keys are the queries and (i, i) is no pair. With
+        -inf where the row has none. With
         track_top1, top float32 (2, B) holds each row's largest positive and largest negative
         similarity (-inf where none); with negative_sum, V float32 (B,) the sum of each row's negative
         logits (label smoothing); each an empty tensor otherwise."""
 
     def circle_backward(self, grad_rows: Tensor, queries: Tensor, keys: Tensor, query_labels: Tensor,
                         key_labels: Optional[Tensor], inv_norm_q: Tensor, inv_norm_k: Tensor, lse_pos: Tensor,
-                        lse_neg: Tensor, margin: float, gamma: float, exclude_self: bool, detach_alpha: bool,
+                        lse_neg: Tensor, margin: float, gamma: float, excluded_keys: Optional[Tensor],
+                        detach_alpha: bool,
                         need_queries: bool, need_keys: bool, smooth_pos: float,
                         smooth_neg: float) -> tuple[Tensor, Tensor]:
         """(∂L/∂queries, ∂L/∂keys) in the operands' dtypes for L_i = softplus(LP_i + LN_i) - smooth_pos·LP_i
@@ -119,7 +122,8 @@ def rows_taking_part(lse_pos: Tensor, lse_neg: Tensor) -> Tensor:
 
 
 def _check_sizes(queries: Tensor, keys: Tensor, query_labels: Tensor, key_labels: Optional[Tensor],
-                 exclude_self: bool, inv_norm_k: Optional[Tensor] = None, **rows: Tensor) -> None:
+                 exclude_self: bool, excluded_keys: Optional[Tensor], inv_norm_k: Optional[Tensor] = None,
+                 **rows: Tensor) -> None:
     """The sizes the kernels index with (the ops are reachable as torch.ops.circleloss_ext.*): labels,
     inv_norm_k (N,) and the per-row vectors given as keywords (B,)."""
     if queries.dim() != 2 or keys.dim() != 2 or queries.shape[1] != keys.shape[1]:
@@ -127,9 +131,13 @@ def _check_sizes(queries: Tensor, keys: Tensor, query_labels: Tensor, key_labels
                          f"{tuple(keys.shape)}")
     if exclude_self and keys.shape[0] != queries.shape[0]:
         raise ValueError("exclude_self: in-batch keys must be the queries (N = B)")
+    if exclude_self and excluded_keys is not None:
+        raise ValueError("excluded_keys is for reference sets; in-batch keys (exclude_self) leave out i itself")
+    if excluded_keys is not None and excluded_keys.dtype != torch.int64:
+        raise ValueError(f"excluded_keys must be int64, got {excluded_keys.dtype}")
     B, N = queries.shape[0], keys.shape[0]
     for name, t, n in (("query_labels", query_labels, B), ("key_labels", key_labels, N), ("inv_norm_k", inv_norm_k, N),
-                       *((name, t, B) for name, t in rows.items())):
+                       ("excluded_keys", excluded_keys, B), *((name, t, B) for name, t in rows.items())):
         if t is not None and tuple(t.shape) != (n,):
             raise ValueError(f"{name} must have shape ({n},), got {tuple(t.shape)}")
 
@@ -147,28 +155,38 @@ def smoothed_rows(lse_pos: Tensor, lse_neg: Tensor, negative_sum: Tensor, smooth
     return torch.where(rows_taking_part(lse_pos, lse_neg), row_loss, 0.0)
 
 
+def _excluded(queries: Tensor, exclude_self: bool, excluded_keys: Optional[Tensor]) -> Optional[Tensor]:
+    """What the backends take: each row's excluded key (i itself in-batch), or None."""
+    if exclude_self:
+        return torch.arange(queries.shape[0], device=queries.device)
+    return excluded_keys
+
+
 @torch.library.custom_op("circleloss_ext::fused_forward", mutates_args=())
 def fused_forward(queries: Tensor, keys: Tensor, query_labels: Tensor, key_labels: Optional[Tensor],
-                  margin: float, gamma: float, exclude_self: bool, track_top1: bool, smooth_pos: float,
-                  smooth_neg: float, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+                  margin: float, gamma: float, exclude_self: bool, excluded_keys: Optional[Tensor], track_top1: bool,
+                  smooth_pos: float, smooth_neg: float,
+                  backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(L, LP, LN, inv_norm_q, inv_norm_k, top, V), all float32: per-row loss (smoothed_rows: 0 for a row
     that takes no part, whatever its values), the statistics backward needs, with track_top1 each row's
     largest positive and negative similarity (2, B), with smooth_neg ≠ 0 the sum of each row's negative
-    logits (B,) (each empty otherwise)."""
-    _check_sizes(queries, keys, query_labels, key_labels, exclude_self)
+    logits (B,) (each empty otherwise). exclude_self: keys are the queries and (i, i) is no pair;
+    excluded_keys (B,) int64: for a reference set, the key that is no pair of row i (-1: none)."""
+    _check_sizes(queries, keys, query_labels, key_labels, exclude_self, excluded_keys)
     impl = _kernels(backend)
     inv_norm_q = impl.inverse_norms(queries)
     inv_norm_k = inv_norm_q.clone() if exclude_self else impl.inverse_norms(keys)
     lse_pos, lse_neg, top, negative_sum = impl.circle_forward(queries, keys, query_labels, key_labels, inv_norm_q,
-                                                              inv_norm_k, margin, gamma, exclude_self, track_top1,
-                                                              smooth_neg != 0.0)
+                                                              inv_norm_k, margin, gamma,
+                                                              _excluded(queries, exclude_self, excluded_keys),
+                                                              track_top1, smooth_neg != 0.0)
     row_loss = smoothed_rows(lse_pos, lse_neg, negative_sum, smooth_pos, smooth_neg)
     return row_loss, lse_pos, lse_neg, inv_norm_q, inv_norm_k, top, negative_sum
 
 
 @fused_forward.register_fake
-def _(queries, keys, query_labels, key_labels, margin, gamma, exclude_self, track_top1, smooth_pos, smooth_neg,
-      backend):
+def _(queries, keys, query_labels, key_labels, margin, gamma, exclude_self, excluded_keys, track_top1, smooth_pos,
+      smooth_neg, backend):
     rows = queries.new_empty(queries.shape[0], dtype=torch.float32)
     top = queries.new_empty((2, queries.shape[0]) if track_top1 else (0,), dtype=torch.float32)
     negative_sum = queries.new_empty(queries.shape[0] if smooth_neg != 0.0 else 0, dtype=torch.float32)
@@ -179,8 +197,8 @@ def _(queries, keys, query_labels, key_labels, margin, gamma, exclude_self, trac
 @torch.library.custom_op("circleloss_ext::fused_backward", mutates_args=())
 def fused_backward(grad_rows: Tensor, queries: Tensor, keys: Tensor, query_labels: Tensor,
                    key_labels: Optional[Tensor], inv_norm_q: Tensor, inv_norm_k: Tensor, lse_pos: Tensor,
-                   lse_neg: Tensor, margin: float, gamma: float, exclude_self: bool, detach_alpha: bool,
-                   need_queries: bool, need_keys: bool, smooth_pos: float, smooth_neg: float,
+                   lse_neg: Tensor, margin: float, gamma: float, exclude_self: bool, excluded_keys: Optional[Tensor],
+                   detach_alpha: bool, need_queries: bool, need_keys: bool, smooth_pos: float, smooth_neg: float,
                    backend: str) -> tuple[Tensor, Tensor]:
     """(∂L/∂queries, ∂L/∂keys) in the inputs' dtypes; an empty tensor stands for a gradient not asked for.
 
@@ -188,7 +206,7 @@ def fused_backward(grad_rows: Tensor, queries: Tensor, keys: Tensor, query_label
     inverse norm are zeroed (so its similarities are 0 and finite), its upstream gradient is 0 and
     its log-sum-exps +inf (so every G_ij of the row is exactly 0). As a key (in-batch) it is untouched.
     """
-    _check_sizes(queries, keys, query_labels, key_labels, exclude_self, inv_norm_k, grad_rows=grad_rows,
+    _check_sizes(queries, keys, query_labels, key_labels, exclude_self, excluded_keys, inv_norm_k, grad_rows=grad_rows,
                  lse_pos=lse_pos, lse_neg=lse_neg, inv_norm_q=inv_norm_q)
     takes_part = rows_taking_part(lse_pos, lse_neg)
     queries = torch.where(takes_part[:, None], queries, 0.0)
@@ -198,14 +216,15 @@ def fused_backward(grad_rows: Tensor, queries: Tensor, keys: Tensor, query_label
     lse_neg = torch.where(takes_part, lse_neg, float("inf"))
     grad_q, grad_k = _kernels(backend).circle_backward(
         grad_rows, queries, keys, query_labels, key_labels, inv_norm_q, inv_norm_k, lse_pos, lse_neg,
-        margin, gamma, exclude_self, detach_alpha, need_queries, need_keys, smooth_pos, smooth_neg)
+        margin, gamma, _excluded(queries, exclude_self, excluded_keys), detach_alpha, need_queries, need_keys,
+        smooth_pos, smooth_neg)
     return (grad_q if need_queries else queries.new_empty(0),
             grad_k if need_keys else keys.new_empty(0))
 
 
 @fused_backward.register_fake
 def _(grad_rows, queries, keys, query_labels, key_labels, inv_norm_q, inv_norm_k, lse_pos, lse_neg, margin,
-      gamma, exclude_self, detach_alpha, need_queries, need_keys, smooth_pos, smooth_neg, backend):
+      gamma, exclude_self, excluded_keys, detach_alpha, need_queries, need_keys, smooth_pos, smooth_neg, backend):
     return (torch.empty_like(queries, memory_format=torch.contiguous_format) if need_queries
             else queries.new_empty(0),
             torch.empty_like(keys, memory_format=torch.contiguous_format) if need_keys else keys.new_empty(0))
@@ -231,11 +250,12 @@ class RowStatistics:
 
 def forward_rows(queries: Tensor, keys: Tensor, query_labels: Tensor, key_labels: Optional[Tensor], margin: float,
                  gamma: float, exclude_self: bool, backend: str, track_top1: bool = False, smooth_pos: float = 0.0,
-                 smooth_neg: float = 0.0) -> tuple[Tensor, RowStatistics, Tensor, Tensor]:
+                 smooth_neg: float = 0.0,
+                 excluded_keys: Optional[Tensor] = None) -> tuple[Tensor, RowStatistics, Tensor, Tensor]:
     """(L per row, its RowStatistics, top (2, B) or empty, V (B,) or empty) through the fused_forward op."""
     row_loss, *statistics, top, negative_sum = fused_forward(queries, keys, query_labels, key_labels, margin, gamma,
-                                                             exclude_self, track_top1, smooth_pos, smooth_neg,
-                                                             backend)
+                                                             exclude_self, excluded_keys, track_top1, smooth_pos,
+                                                             smooth_neg, backend)
     return row_loss, RowStatistics(*statistics), top, negative_sum
 
 
@@ -249,8 +269,8 @@ def top1_accuracy(top: Tensor, takes_part: Tensor) -> Tensor:
 def backward_rows(grad_rows: Tensor, queries: Tensor, keys: Tensor, query_labels: Tensor, key_labels: Optional[Tensor],
                   statistics: RowStatistics, margin: float, gamma: float, exclude_self: bool, detach_alpha: bool,
                   need_queries: bool, need_keys: bool, backend: str, smooth_pos: float = 0.0,
-                  smooth_neg: float = 0.0) -> tuple[Tensor, Tensor]:
+                  smooth_neg: float = 0.0, excluded_keys: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     """(∂L/∂queries, ∂L/∂keys) through the fused_backward op, from forward's statistics."""
     return fused_backward(grad_rows, queries, keys, query_labels, key_labels, statistics.inv_norm_q,
                           statistics.inv_norm_k, statistics.lse_pos, statistics.lse_neg, margin, gamma, exclude_self,
-                          detach_alpha, need_queries, need_keys, smooth_pos, smooth_neg, backend)
+                          excluded_keys, detach_alpha, need_queries, need_keys, smooth_pos, smooth_neg, backend)

@@ -81,6 +81,12 @@ def check_label_smoothing(label_smoothing) -> None:
         raise ValueError(f"label_smoothing must be a number in [0, 1], got {label_smoothing!r}")
 
 
+def check_slot_indices(index: torch.Tensor, num_keys: int) -> None:
+    """ref_self_index values are keys of the reference set or -1."""
+    _refuse_labels((index < -1) | (index >= num_keys), index,
+                   f"ref_self_index must lie in [0, {num_keys}) (a key of the reference set) or be -1 (none)")
+
+
 def check_ignore_index(ignore_index) -> None:
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")

@@ -102,16 +102,17 @@ struct Epilogue {
 };
 
 // Lane masks for the keys [j0 + jj, j0 + jj + kLanes) of row i: positives (b_j == a_i) and pairs
-// (j < the tile's end, and j != i for in-batch keys).
+// (j < the tile's end, and j != the row's excluded key: i itself for in-batch keys, its own slot in a
+// memory; -1 for none).
 struct LaneMasks {
   vint pos, pair;
 };
-inline LaneMasks lane_masks(const int64_t* tile_labels, int64_t jj, int64_t n, int64_t label, bool in_batch,
-                            int64_t j0, int64_t i) {
+inline LaneMasks lane_masks(const int64_t* tile_labels, int64_t jj, int64_t n, int64_t label, int64_t excluded,
+                            int64_t j0) {
   vint lane;
   for (int64_t l = 0; l < kLanes; ++l) lane[l] = static_cast<int32_t>(l);
   const vint key = lane + static_cast<int32_t>(jj);
-  const vint is_self = in_batch ? (key + static_cast<int32_t>(j0 - i) == 0) : vint{};
+  const vint is_self = excluded >= 0 ? (key + static_cast<int32_t>(j0 - excluded) == 0) : vint{};
   const vint pos = __builtin_convertvector(load<vlong>(tile_labels + jj) == label, vint);
   return {pos, (key < static_cast<int32_t>(n)) & ~is_self};
 }
@@ -122,13 +123,14 @@ struct Problem {
   std::optional<at::Tensor> key_labels;  // none: class-level keys, b_j = j
   at::Tensor q_hat;                      // (B, D) float32, normalised queries
   at::Tensor inv_norm_k;                 // (N,) float32
-  bool exclude_self;
+  std::optional<at::Tensor> excluded_keys;  // (B,) int64: the key that is no pair of row i (-1: none)
   int64_t B, N, D, tiles_per_split, splits;
 
   Problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor& ql, const std::optional<at::Tensor>& kl,
-          const at::Tensor& inv_q, const at::Tensor& inv_k, bool excl)
-      : queries(q), keys(k), query_labels(ql.contiguous()), inv_norm_k(inv_k.contiguous()), exclude_self(excl) {
+          const at::Tensor& inv_q, const at::Tensor& inv_k, const std::optional<at::Tensor>& excl)
+      : queries(q), keys(k), query_labels(ql.contiguous()), inv_norm_k(inv_k.contiguous()) {
     if (kl) key_labels = kl->contiguous();
+    if (excl) excluded_keys = excl->contiguous();
     B = q.size(0);
     N = k.size(0);
     D = q.size(1);
@@ -138,6 +140,8 @@ struct Problem {
     tiles_per_split = (tiles + splits - 1) / splits;
     splits = (tiles + tiles_per_split - 1) / tiles_per_split;
   }
+
+  int64_t excluded(int64_t i) const { return excluded_keys ? excluded_keys->data_ptr<int64_t>()[i] : -1; }
 
   // b_j for the keys [j0, j0 + n).
   void tile_labels(int64_t j0, int64_t n, int64_t* out) const {
@@ -195,7 +199,7 @@ void check_vector(const at::Tensor& t, const char* name, int64_t n, at::ScalarTy
               t.sizes());
 }
 
-void check_operands(const at::Tensor& queries, const at::Tensor& keys, bool exclude_self) {
+void check_operands(const at::Tensor& queries, const at::Tensor& keys) {
   for (const auto& [x, name] : {std::pair{&queries, "queries"}, std::pair{&keys, "keys"}}) {
     TORCH_CHECK(x->device().is_cpu(), name, " must be a CPU tensor, got one on ", x->device());
     TORCH_CHECK(x->dim() == 2, name, " must be 2-D (rows, D), got shape ", x->sizes());
@@ -207,17 +211,15 @@ void check_operands(const at::Tensor& queries, const at::Tensor& keys, bool excl
               " but queries has ", queries.scalar_type());
   TORCH_CHECK(keys.size(1) == queries.size(1), "keys must have D = ", queries.size(1),
               " columns (as queries), got shape ", keys.sizes());
-  TORCH_CHECK(!exclude_self || keys.size(0) == queries.size(0),
-              "exclude_self: in-batch keys must be the queries (N = B), got ", keys.size(0), " keys and ",
-              queries.size(0), " queries");
 }
 
 void check_problem(const at::Tensor& queries, const at::Tensor& keys, const at::Tensor& query_labels,
                    const std::optional<at::Tensor>& key_labels, const at::Tensor& inv_norm_q,
-                   const at::Tensor& inv_norm_k, bool exclude_self) {
-  check_operands(queries, keys, exclude_self);
+                   const at::Tensor& inv_norm_k, const std::optional<at::Tensor>& excluded_keys) {
+  check_operands(queries, keys);
   const int64_t B = queries.size(0), N = keys.size(0);
   check_vector(query_labels, "query_labels", B, at::kLong, "queries");
+  if (excluded_keys) check_vector(*excluded_keys, "excluded_keys", B, at::kLong, "queries");
   if (key_labels) check_vector(*key_labels, "key_labels", N, at::kLong, "keys");
   check_vector(inv_norm_q, "inv_norm_q", B, at::kFloat, "queries");
   check_vector(inv_norm_k, "inv_norm_k", N, at::kFloat, "keys");
@@ -282,9 +284,9 @@ static at::Tensor max_over_splits(const at::Tensor& partial) { return std::get<0
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> circle_forward(
     const at::Tensor& queries, const at::Tensor& keys, const at::Tensor& query_labels,
     const std::optional<at::Tensor>& key_labels, const at::Tensor& inv_norm_q, const at::Tensor& inv_norm_k,
-    double margin, double gamma, bool exclude_self, bool track_top1, bool negative_sum) {
-  check_problem(queries, keys, query_labels, key_labels, inv_norm_q, inv_norm_k, exclude_self);
-  const Problem pb(queries, keys, query_labels, key_labels, inv_norm_q, inv_norm_k, exclude_self);
+    double margin, double gamma, const std::optional<at::Tensor>& excluded_keys, bool track_top1, bool negative_sum) {
+  check_problem(queries, keys, query_labels, key_labels, inv_norm_q, inv_norm_k, excluded_keys);
+  const Problem pb(queries, keys, query_labels, key_labels, inv_norm_q, inv_norm_k, excluded_keys);
   const Epilogue ep{static_cast<float>(margin), static_cast<float>(gamma), true};
   const int64_t B = pb.B;
   at::Tensor partial = at::empty({2, pb.splits, B}, at::TensorOptions().dtype(at::kFloat));
@@ -310,13 +312,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> circle_forward(
       const float* S = s_tile.data_ptr<float>();
       const int64_t ld = s_tile.stride(0);
       pb.tile_labels(j0, n, labels.data());
-      const bool in_batch = pb.exclude_self;  // in-batch keys: key j0 + jj is row i itself when equal
       for (int64_t i = 0; i < B; ++i) {
         const float* s = S + i * ld;
         vfloat tile_max_pos = splat(kNegInf), tile_max_neg = splat(kNegInf);
         vfloat tile_top_pos = splat(kNegInf), tile_top_neg = splat(kNegInf), tile_neg_sum = splat(0.f);
         for (int64_t jj = 0; jj < n; jj += kLanes) {
-          const LaneMasks lanes = lane_masks(b, jj, n, a[i], in_batch, j0, i);
+          const LaneMasks lanes = lane_masks(b, jj, n, a[i], pb.excluded(i), j0);
           const vfloat sim = load<vfloat>(s + jj);
           const vfloat logit = lanes.pair ? ep.logit(sim, lanes.pos) : splat(kNegInf);
           store(z + jj, logit);
@@ -339,7 +340,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> circle_forward(
         const float shift_neg = new_max_neg == kNegInf ? 0.f : new_max_neg;
         vfloat add_pos = splat(0.f), add_neg = splat(0.f);
         for (int64_t jj = 0; jj < n; jj += kLanes) {
-          const vint pos = lane_masks(b, jj, n, a[i], in_batch, j0, i).pos;
+          const vint pos = lane_masks(b, jj, n, a[i], pb.excluded(i), j0).pos;
           const vfloat e = vexp(load<vfloat>(z + jj) - (pos ? splat(shift_pos) : splat(shift_neg)));
           add_pos += pos ? e : splat(0.f);
           add_neg += pos ? splat(0.f) : e;
@@ -366,14 +367,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> circle_forward(
 std::tuple<at::Tensor, at::Tensor> circle_backward(
     const at::Tensor& grad_rows, const at::Tensor& queries, const at::Tensor& keys, const at::Tensor& query_labels,
     const std::optional<at::Tensor>& key_labels, const at::Tensor& inv_norm_q, const at::Tensor& inv_norm_k,
-    const at::Tensor& lse_pos, const at::Tensor& lse_neg, double margin, double gamma, bool exclude_self,
+    const at::Tensor& lse_pos, const at::Tensor& lse_neg, double margin, double gamma,
+    const std::optional<at::Tensor>& excluded_keys,
     bool detach_alpha, bool need_queries, bool need_keys, double smooth_pos, double smooth_neg) {
-  check_problem(queries, keys, query_labels, key_labels, inv_norm_q, inv_norm_k, exclude_self);
+  check_problem(queries, keys, query_labels, key_labels, inv_norm_q, inv_norm_k, excluded_keys);
   for (const auto& [t, name] : {std::pair{&grad_rows, "grad_rows"}, std::pair{&lse_pos, "lse_pos"},
                                 std::pair{&lse_neg, "lse_neg"}}) {
     check_vector(*t, name, queries.size(0), at::kFloat, "queries");
   }
-  const Problem pb(queries, keys, query_labels, key_labels, inv_norm_q, inv_norm_k, exclude_self);
+  const Problem pb(queries, keys, query_labels, key_labels, inv_norm_q, inv_norm_k, excluded_keys);
   const Epilogue ep{static_cast<float>(margin), static_cast<float>(gamma), detach_alpha};
   const int64_t B = pb.B, D = pb.D;
   const at::Tensor row_scale = (at::sigmoid(lse_pos + lse_neg) * grad_rows).contiguous();  // sigma_i
@@ -406,7 +408,6 @@ std::tuple<at::Tensor, at::Tensor> circle_backward(
       pb.similarity_tile(j0, n, k_hat, g_tile);
       const int64_t ld = g_tile.stride(0);
       pb.tile_labels(j0, n, labels.data());
-      const bool in_batch = pb.exclude_self;
       std::fill(radial_k, radial_k + n, 0.f);
       for (int64_t i = 0; i < B; ++i) {
         float* g_row = g_tile.data_ptr<float>() + i * ld;  // s_ij on entry, dL/ds_ij on exit
@@ -416,7 +417,7 @@ std::tuple<at::Tensor, at::Tensor> circle_backward(
         const vfloat c_neg = splat(g_up[i] * static_cast<float>(smooth_neg));
         vfloat row_radial = splat(0.f);
         for (int64_t jj = 0; jj < n; jj += kLanes) {
-          const LaneMasks lanes = lane_masks(b, jj, n, a[i], in_batch, j0, i);
+          const LaneMasks lanes = lane_masks(b, jj, n, a[i], pb.excluded(i), j0);
           const vfloat s = lanes.pair ? load<vfloat>(g_row + jj) : splat(0.f);
           const vfloat e = vexp(ep.logit(s, lanes.pos) - (lanes.pos ? lse_pos_i : lse_neg_i));
           const vfloat g = lanes.pair ? (sigma_i * e - (lanes.pos ? c_pos : c_neg)) * ep.slope(s, lanes.pos)
@@ -463,11 +464,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("inverse_norms", &inverse_norms, "1 / max(|x_r|, eps) per row, float32", py::arg("x"));
   m.def("circle_forward", &circle_forward, "(LP, LN, top) per row", py::arg("queries"), py::arg("keys"),
         py::arg("query_labels"), py::arg("key_labels"), py::arg("inv_norm_q"), py::arg("inv_norm_k"),
-        py::arg("margin"), py::arg("gamma"), py::arg("exclude_self"), py::arg("track_top1"),
+        py::arg("margin"), py::arg("gamma"), py::arg("excluded_keys"), py::arg("track_top1"),
         py::arg("negative_sum"));
   m.def("circle_backward", &circle_backward, "(dL/dqueries, dL/dkeys)", py::arg("grad_rows"), py::arg("queries"),
         py::arg("keys"), py::arg("query_labels"), py::arg("key_labels"), py::arg("inv_norm_q"),
         py::arg("inv_norm_k"), py::arg("lse_pos"), py::arg("lse_neg"), py::arg("margin"), py::arg("gamma"),
-        py::arg("exclude_self"), py::arg("detach_alpha"), py::arg("need_queries"), py::arg("need_keys"),
+        py::arg("excluded_keys"), py::arg("detach_alpha"), py::arg("need_queries"), py::arg("need_keys"),
         py::arg("smooth_pos"), py::arg("smooth_neg"));
 }

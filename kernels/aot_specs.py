@@ -29,9 +29,9 @@ _UNIT_STRIDES = {"stride_qd", "stride_kd", "stride_d"}
 _MULTIPLES_OF_16 = {"D", "stride_qb", "stride_kn", "stride_r", "keys_per_split", "key_start", "h_stride"}
 # Label forms: class-level keys (rows of W), pair-wise against a reference set, pair-wise within the batch.
 _LABEL_FORMS = {
-    "class-level": {"CLASS_LEVEL": True, "EXCLUDE_SELF": False},
-    "pair-wise": {"CLASS_LEVEL": False, "EXCLUDE_SELF": False},
-    "pair-wise exclude-self": {"CLASS_LEVEL": False, "EXCLUDE_SELF": True},
+    "class-level": {"CLASS_LEVEL": True, "EXCLUDE_KEY": False},
+    "pair-wise": {"CLASS_LEVEL": False, "EXCLUDE_KEY": False},
+    "pair-wise exclude-self": {"CLASS_LEVEL": False, "EXCLUDE_KEY": True},
 }
 
 
@@ -77,7 +77,7 @@ def launches(dtypes=tuple(OPERAND_TYPES)) -> list[Launch]:
     result = []
     for dtype in dtypes:
         x = OPERAND_TYPES[dtype]
-        circle = {"q_ptr": x, "k_ptr": x, "q_label_ptr": "i64", "k_label_ptr": "i64"}
+        circle = {"q_ptr": x, "k_ptr": x, "q_label_ptr": "i64", "k_label_ptr": "i64", "excluded_key_ptr": "i64"}
         precision = dot_precision(dtype)
         result.append(_launch("inv_norm", inv_norm_kernel, dtype, "", {"x_ptr": x}))
         for form, flags in _LABEL_FORMS.items():

@@ -62,7 +62,7 @@ def _grad_scale(h_dtype, row_scale, grad_rows, smoothing, inv_norm_q, inv_norm_k
 
 
 def circle_backward(grad_rows, queries, keys, query_labels, key_labels, inv_norm_q, inv_norm_k,
-                    lse_pos, lse_neg, margin, gamma, exclude_self, detach_alpha, need_queries, need_keys,
+                    lse_pos, lse_neg, margin, gamma, excluded_keys, detach_alpha, need_queries, need_keys,
                     smooth_pos=0.0, smooth_neg=0.0):
     """(∂L/∂queries, ∂L/∂keys) in the inputs' dtypes (None where not needed).
 
@@ -70,7 +70,7 @@ def circle_backward(grad_rows, queries, keys, query_labels, key_labels, inv_norm
     - smooth_pos·LP_i - smooth_neg·V_i (label smoothing: V_i the sum of the row's negative logits).
     """
     problem = problem_arguments(queries, keys, query_labels, key_labels, inv_norm_q, inv_norm_k, margin, gamma,
-                                exclude_self)
+                                excluded_keys)
     B, N, D = problem["B"], problem["N"], problem["D"]
     row_scale = torch.sigmoid(lse_pos + lse_neg) * grad_rows  # σ_i; 0 for rows without a loss
     h_dtype = keys.dtype

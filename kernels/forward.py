@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from .presets import target_programs, tile_config
-from .tile import circle_epilogue, dot_tile, even_d, positive_pairs, problem_arguments, row_labels, same_row_and_key
+from .tile import circle_epilogue, dot_tile, even_d, positive_pairs, problem_arguments, row_labels, excluded_pairs
 
 
 @triton.jit
@@ -49,11 +49,11 @@ def _gathered_positive(q_ptr, k_ptr, inv_norm_k_ptr, rows, q_label, inv_norm_q, 
 
 @triton.jit
 def circle_forward_kernel(
-    q_ptr, k_ptr, q_label_ptr, k_label_ptr, inv_norm_q_ptr, inv_norm_k_ptr,
+    q_ptr, k_ptr, q_label_ptr, k_label_ptr, inv_norm_q_ptr, inv_norm_k_ptr, excluded_key_ptr,
     lse_pos_ptr, lse_neg_ptr, top_ptr, negative_sum_ptr,
     B, N, D, stride_qb, stride_qd, stride_kn, stride_kd, keys_per_split,
     margin, gamma,
-    CLASS_LEVEL: tl.constexpr, EXCLUDE_SELF: tl.constexpr, TRACK_TOP1: tl.constexpr, NEGATIVE_SUM: tl.constexpr,
+    CLASS_LEVEL: tl.constexpr, EXCLUDE_KEY: tl.constexpr, TRACK_TOP1: tl.constexpr, NEGATIVE_SUM: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
@@ -70,6 +70,8 @@ def circle_forward_kernel(
     key_start = split.to(tl.int64) * keys_per_split
     key_stop = tl.minimum(key_start + keys_per_split, N)
     q_label = row_labels(q_label_ptr, rows, B, CLASS_LEVEL)
+    if EXCLUDE_KEY:
+        excluded_key = tl.load(excluded_key_ptr + rows, mask=rows < B, other=-1)
     for n0 in range(key_start, key_stop, BLOCK_N):
         keys = n0 + tl.arange(0, BLOCK_N)
         # S tile: raw products on the tensor cores, normalised in the float32 accumulator
@@ -79,8 +81,8 @@ def circle_forward_kernel(
         s = dots * inv_norm_q[:, None] * inv_norm_k[None, :]
         # masks: keys past N and (in-batch) the pair (i, i) are no pair
         absent = (keys >= N)[None, :]
-        if EXCLUDE_SELF:
-            absent = absent | same_row_and_key(rows, n0, BLOCK_N)
+        if EXCLUDE_KEY:  # each row's own slot: i itself in-batch, or its slot in a memory
+            absent = absent | excluded_pairs(excluded_key, n0, BLOCK_N)
         if CLASS_LEVEL:
             # negatives only: the row's own class is the positive, gathered after the loop
             logit2, _ = circle_epilogue(s, False, margin, gamma, True)
@@ -138,12 +140,12 @@ def key_splits(num_keys: int, row_blocks: int, block_n: int, x: torch.Tensor) ->
 
 
 def circle_forward(queries, keys, query_labels, key_labels, inv_norm_q, inv_norm_k, margin, gamma,
-                   exclude_self, track_top1=False, negative_sum=False):
+                   excluded_keys, track_top1=False, negative_sum=False):
     """(LP, LN, top, V): float32 (B,) log-sum-exps over each row's positives and negatives (-inf if
     none); with track_top1, top (2, B) holds each row's largest positive and negative similarity (-inf
     if none); with negative_sum, V (B,) the sum of each row's negative logits; each empty otherwise."""
     problem = problem_arguments(queries, keys, query_labels, key_labels, inv_norm_q, inv_norm_k, margin, gamma,
-                                exclude_self)
+                                excluded_keys)
     cfg = tile_config("forward", queries)
     row_blocks = triton.cdiv(problem["B"], cfg.blocks["BLOCK_B"])
     splits, keys_per_split = key_splits(problem["N"], row_blocks, cfg.blocks["BLOCK_N"], queries)

@@ -18,16 +18,16 @@ from the positive and c = c_n = ε/C onto every negative.
 import triton
 import triton.language as tl
 
-from .tile import circle_epilogue, dot_tile, positive_pairs, row_labels, same_row_and_key
+from .tile import circle_epilogue, dot_tile, positive_pairs, row_labels, excluded_pairs
 
 
 @triton.jit
 def circle_grad_similarity_kernel(
-    q_ptr, k_ptr, q_label_ptr, k_label_ptr, inv_norm_q_ptr, inv_norm_k_ptr,
+    q_ptr, k_ptr, q_label_ptr, k_label_ptr, inv_norm_q_ptr, inv_norm_k_ptr, excluded_key_ptr,
     lse_pos_ptr, lse_neg_ptr, row_scale_ptr, grad_rows_ptr, grad_scale_ptr, h_ptr, radial_ptr,
     B, N, D, stride_qb, stride_qd, stride_kn, stride_kd, key_start, chunk_len, h_stride, keys_per_split,
     margin, gamma, smooth_pos, smooth_neg,
-    CLASS_LEVEL: tl.constexpr, EXCLUDE_SELF: tl.constexpr, DETACH_ALPHA: tl.constexpr, NEED_RADIAL: tl.constexpr,
+    CLASS_LEVEL: tl.constexpr, EXCLUDE_KEY: tl.constexpr, DETACH_ALPHA: tl.constexpr, NEED_RADIAL: tl.constexpr,
     LABEL_SMOOTHING: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
@@ -43,6 +43,8 @@ def circle_grad_similarity_kernel(
     row_scale = tl.load(row_scale_ptr + rows, mask=row_ok, other=0.0)  # σ_i
     h_row = row_scale * inv_norm_q * tl.load(grad_scale_ptr)  # H_ij = h_row_i · (G_ij / σ_i) · (1/‖k_j‖)
     q_label = row_labels(q_label_ptr, rows, B, CLASS_LEVEL)
+    if EXCLUDE_KEY:
+        excluded_key = tl.load(excluded_key_ptr + rows, mask=rows < B, other=-1)
     if LABEL_SMOOTHING:  # the smoothed target's share, g_i·c_p or g_i·c_n, in the units of h_row
         smooth_row = tl.load(grad_rows_ptr + rows, mask=row_ok, other=0.0) * inv_norm_q * tl.load(grad_scale_ptr)
     local_start = split.to(tl.int64) * keys_per_split
@@ -60,8 +62,8 @@ def circle_grad_similarity_kernel(
         # G_ij / σ_i: the logit's softmax weight within LP_i or LN_i, times d logit / d s
         weight = tl.exp2(logit2 - tl.where(is_pos, lse_pos2[:, None], lse_neg2[:, None]))
         absent = (keys >= N)[None, :]
-        if EXCLUDE_SELF:
-            absent = absent | same_row_and_key(rows, key_start + j0, BLOCK_N)
+        if EXCLUDE_KEY:
+            absent = absent | excluded_pairs(excluded_key, key_start + j0, BLOCK_N)
         if LABEL_SMOOTHING:  # G_ij = g_i·(σ_i·weight - c)·slope, c = c_p on the positive, c_n on negatives
             smooth = smooth_row[:, None] * tl.where(is_pos, smooth_pos, smooth_neg)
             h = tl.where(absent, 0.0, (h_row[:, None] * weight - smooth) * slope) * inv_norm_k[None, :]

@@ -95,19 +95,19 @@ def positive_pairs(q_label, k_label_ptr, keys, N, CLASS_LEVEL: tl.constexpr):
 
 
 @triton.jit
-def same_row_and_key(rows, first_key, BLOCK_N: tl.constexpr):
-    """The tile of i == j for keys first_key + [0, BLOCK_N) (in-batch keys are the queries), compared as
-    int32 offsets."""
-    return (rows - first_key).to(tl.int32)[:, None] == tl.arange(0, BLOCK_N)[None, :]
+def excluded_pairs(excluded_key, first_key, BLOCK_N: tl.constexpr):
+    """The tile of j == excluded_key[i] for keys first_key + [0, BLOCK_N): each row's own slot (i itself
+    for in-batch keys, its memory slot in a cross-batch memory; -1 for none), compared as int32 offsets."""
+    return (excluded_key - first_key).to(tl.int32)[:, None] == tl.arange(0, BLOCK_N)[None, :]
 
 
 def problem_arguments(queries: torch.Tensor, keys: torch.Tensor, query_labels: torch.Tensor, key_labels,
                       inv_norm_q: torch.Tensor, inv_norm_k: torch.Tensor, margin: float, gamma: float,
-                      exclude_self: bool) -> dict:
+                      excluded_keys) -> dict:
     """The keyword arguments every circle_* tile kernel takes about the problem: operands (read through
-    their strides), labels, inverse norms, m, γ and the label form (key_labels None: class-level
-    keys, b_j = j). Labels (B or N int64) are passed contiguous, as row_labels and positive_pairs index them:
-    a column slice or an expanded label tensor is copied."""
+    their strides), labels, inverse norms, m, γ, the label form (key_labels None: class-level
+    keys, b_j = j) and each row's excluded key (None: none). Labels (B or N int64) and excluded keys
+    are passed contiguous, as the kernels index them: a column slice or an expanded tensor is copied."""
     B, D = queries.shape
     return dict(
         q_ptr=queries, k_ptr=keys, q_label_ptr=query_labels.contiguous(),
@@ -115,7 +115,9 @@ def problem_arguments(queries: torch.Tensor, keys: torch.Tensor, query_labels: t
         inv_norm_q_ptr=inv_norm_q, inv_norm_k_ptr=inv_norm_k,
         B=B, N=keys.shape[0], D=D, stride_qb=queries.stride(0), stride_qd=queries.stride(1),
         stride_kn=keys.stride(0), stride_kd=keys.stride(1), margin=margin, gamma=gamma,
-        CLASS_LEVEL=key_labels is None, EXCLUDE_SELF=exclude_self, DOT_PRECISION=dot_precision(queries.dtype),
+        excluded_key_ptr=(excluded_keys if excluded_keys is not None else query_labels).contiguous(),
+        CLASS_LEVEL=key_labels is None, EXCLUDE_KEY=excluded_keys is not None,
+        DOT_PRECISION=dot_precision(queries.dtype),
     )
 
 

@@ -43,10 +43,10 @@ def test_fake_tensor_shapes(fused, track_top1, smooth_neg):
     emb = torch.randn(5, 6, dtype=torch.bfloat16, device=device)
     weight = torch.randn(9, 6, dtype=torch.bfloat16, device=device)
     labels = torch.randint(0, 9, (5,), device=device)
-    real = torch.ops.circleloss_ext.fused_forward(emb, weight, labels, None, 0.25, 256.0, False, track_top1, 0.1,
-                                                  smooth_neg, fused)
+    real = torch.ops.circleloss_ext.fused_forward(emb, weight, labels, None, 0.25, 256.0, False, None, track_top1,
+                                                  0.1, smooth_neg, fused)
     with FakeTensorMode() as mode:
         fake = torch.ops.circleloss_ext.fused_forward(mode.from_tensor(emb), mode.from_tensor(weight),
-                                                      mode.from_tensor(labels), None, 0.25, 256.0, False, track_top1,
-                                                      0.1, smooth_neg, fused)
+                                                      mode.from_tensor(labels), None, 0.25, 256.0, False, None,
+                                                      track_top1, 0.1, smooth_neg, fused)
     assert [(t.shape, t.dtype) for t in fake] == [(t.shape, t.dtype) for t in real]

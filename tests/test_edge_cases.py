@@ -148,24 +148,25 @@ def test_cpu_extension_checks_sizes_itself():
     labels = torch.zeros(3, dtype=torch.int64)
     inv_q, inv_k = _C.inverse_norms(queries), _C.inverse_norms(keys)
     with pytest.raises(RuntimeError, match=r"key_labels must have 300000 elements"):
-        _C.circle_forward(queries, keys, labels, labels, inv_q, inv_k, 0.25, 64.0, False, False, False)
+        _C.circle_forward(queries, keys, labels, labels, inv_q, inv_k, 0.25, 64.0, None, False, False)
     with pytest.raises(RuntimeError, match=r"query_labels must have 3 elements"):
-        _C.circle_forward(queries, keys, labels[:1], None, inv_q, inv_k, 0.25, 64.0, False, False, False)
+        _C.circle_forward(queries, keys, labels[:1], None, inv_q, inv_k, 0.25, 64.0, None, False, False)
     with pytest.raises(RuntimeError, match=r"inv_norm_k must have 300000 elements"):
-        _C.circle_forward(queries, keys, labels, None, inv_q, inv_k[:5], 0.25, 64.0, False, False, False)
+        _C.circle_forward(queries, keys, labels, None, inv_q, inv_k[:5], 0.25, 64.0, None, False, False)
     with pytest.raises(RuntimeError, match=r"keys must have D = 2"):
-        _C.circle_forward(queries, torch.randn(10, 3), labels, None, inv_q, inv_k[:10], 0.25, 64.0, False, False, False)
+        _C.circle_forward(queries, torch.randn(10, 3), labels, None, inv_q, inv_k[:10], 0.25, 64.0, None, False,
+                          False)
     with pytest.raises(RuntimeError, match=r"query_labels must be int64"):
-        _C.circle_forward(queries, keys, labels.int(), None, inv_q, inv_k, 0.25, 64.0, False, False, False)
+        _C.circle_forward(queries, keys, labels.int(), None, inv_q, inv_k, 0.25, 64.0, None, False, False)
     lse = torch.zeros(3)
     with pytest.raises(RuntimeError, match=r"grad_rows must have 3 elements"):
-        _C.circle_backward(lse[:2], queries, keys, labels, None, inv_q, inv_k, lse, lse, 0.25, 64.0, False, True,
+        _C.circle_backward(lse[:2], queries, keys, labels, None, inv_q, inv_k, lse, lse, 0.25, 64.0, None, True,
                            True, True, 0.0, 0.0)
     with pytest.raises(RuntimeError, match=r"lse_neg must have 3 elements"):
-        _C.circle_backward(lse, queries, keys, labels, None, inv_q, inv_k, lse, lse[:1], 0.25, 64.0, False, True,
+        _C.circle_backward(lse, queries, keys, labels, None, inv_q, inv_k, lse, lse[:1], 0.25, 64.0, None, True,
                            True, True, 0.0, 0.0)
-    with pytest.raises(RuntimeError, match=r"in-batch keys must be the queries"):
-        _C.circle_forward(queries, keys, labels, labels, inv_q, inv_k, 0.25, 64.0, True, False, False)
+    with pytest.raises(RuntimeError, match=r"excluded_keys must have 3 elements"):
+        _C.circle_forward(queries, keys, labels, None, inv_q, inv_k, 0.25, 64.0, labels[:1], False, False)
 
 
 # 4. 16-bit reductions ----------------------------------------------------------------------------
@@ -257,20 +258,20 @@ def test_custom_ops_check_the_sizes_they_index(fused):
     emb, weight, labels, _ = make_inputs(6, 10, 4, device=device)
     short = labels[:3]
     with pytest.raises(ValueError, match=r"query_labels must have shape \(6,\)"):
-        torch.ops.circleloss_ext.fused_forward(emb, weight, short, None, 0.25, 64.0, False, False, 0.0, 0.0, fused)
+        torch.ops.circleloss_ext.fused_forward(emb, weight, short, None, 0.25, 64.0, False, None, False, 0.0, 0.0, fused)
     with pytest.raises(ValueError, match=r"key_labels must have shape \(10,\)"):
-        torch.ops.circleloss_ext.fused_forward(emb, weight, labels, short, 0.25, 64.0, False, False, 0.0, 0.0, fused)
+        torch.ops.circleloss_ext.fused_forward(emb, weight, labels, short, 0.25, 64.0, False, None, False, 0.0, 0.0, fused)
     with pytest.raises(ValueError, match="must share D"):
-        torch.ops.circleloss_ext.fused_forward(emb, weight[:, :3], labels, None, 0.25, 64.0, False, False, 0.0, 0.0,
-                                               fused)
+        torch.ops.circleloss_ext.fused_forward(emb, weight[:, :3], labels, None, 0.25, 64.0, False, None, False, 0.0,
+                                               0.0, fused)
     rows, lse_pos, lse_neg, inv_q, inv_k, *_ = torch.ops.circleloss_ext.fused_forward(
-        emb, weight, labels, None, 0.25, 64.0, False, False, 0.0, 0.0, fused)
+        emb, weight, labels, None, 0.25, 64.0, False, None, False, 0.0, 0.0, fused)
     with pytest.raises(ValueError, match=r"lse_neg must have shape \(6,\)"):
         torch.ops.circleloss_ext.fused_backward(rows, emb, weight, labels, None, inv_q, inv_k, lse_pos, lse_neg[:2],
-                                                0.25, 64.0, False, True, True, True, 0.0, 0.0, fused)
+                                                0.25, 64.0, False, None, True, True, True, 0.0, 0.0, fused)
     with pytest.raises(ValueError, match=r"inv_norm_k must have shape \(10,\)"):
         torch.ops.circleloss_ext.fused_backward(rows, emb, weight, labels, None, inv_q, inv_k[:4], lse_pos, lse_neg,
-                                                0.25, 64.0, False, True, True, True, 0.0, 0.0, fused)
+                                                0.25, 64.0, False, None, True, True, True, 0.0, 0.0, fused)
 
 
 # GPU presets: chosen by capability and shared memory; tile logic of the sm_90 presets on the CPU -------
