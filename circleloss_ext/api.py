@@ -119,7 +119,8 @@ def pairwise_circle_loss(embeddings: Tensor, labels: Tensor, *, ref_embeddings: 
                          ref_labels: Optional[Tensor] = None, m: float = 0.4, gamma: float = 80.0,
                          reduction: Reduction = "mean", detach_alpha: bool = True,
                          backend: Backend = "auto", with_accuracy: bool = False,
-                         ref_self_index: Optional[Tensor] = None) -> Union[Tensor, tuple[Tensor, Tensor]]:
+                         ref_self_index: Optional[Tensor] = None,
+                         ignore_index: Optional[int] = None) -> Union[Tensor, tuple[Tensor, Tensor]]:
     """Circle Loss with pair-wise labels: each embedding against the others of the batch (the pair
     (i, i) left out) or against a reference set (ref_embeddings (N, D), ref_labels (N,), e.g. a
     cross-batch memory). Positives share the label, negatives do not; rows without a positive or
@@ -130,6 +131,8 @@ def pairwise_circle_loss(embeddings: Tensor, labels: Tensor, *, ref_embeddings: 
     ref_self_index (B,) int64 or int32, with a reference set: the key of the set that is each row's own
     slot (-1 for none), left out of that row's pairs, as a cross-batch memory that already holds the
     current batch needs; O(B), no B × N mask. The in-batch form is the case ref_self_index[i] = i.
+    ignore_index: a label whose rows and keys take no part (default None: every label counts; pair-wise
+    labels may be any integers, so no value is reserved unless you name one).
     """
     check_matrix("embeddings", embeddings)
     check_labels("labels", labels, embeddings.shape[0], "embeddings")
@@ -152,6 +155,8 @@ def pairwise_circle_loss(embeddings: Tensor, labels: Tensor, *, ref_embeddings: 
         ref_self_index = as_index_labels(ref_self_index)
     check_hyperparameters(m, gamma, reduction, backend, detach_alpha)
     check_bool("with_accuracy", with_accuracy)
+    if ignore_index is not None:
+        check_ignore_index(ignore_index)
     labels = as_index_labels(labels)
     exclude_self = ref_embeddings is None
     if exclude_self:
@@ -160,10 +165,29 @@ def pairwise_circle_loss(embeddings: Tensor, labels: Tensor, *, ref_embeddings: 
     (embeddings, ref_embeddings), out_dtype = _autocast(embeddings, ref_embeddings)
     if exclude_self:
         ref_embeddings = embeddings
+    if ignore_index is not None:
+        ref_embeddings, ref_labels, ref_self_index, exclude_self = _without_ignored_keys(
+            ref_embeddings, ref_labels, ref_self_index, exclude_self, ignore_index)
     run = resolve_backend(backend, embeddings)
     row_loss, has_loss, top = _rows(run, embeddings, ref_embeddings, labels, ref_labels, m, gamma, exclude_self,
                                     detach_alpha, with_accuracy, excluded_keys=ref_self_index)
     return _result(row_loss, has_loss, top, reduction, out_dtype, with_accuracy)
+
+
+def _without_ignored_keys(keys, key_labels, self_index, exclude_self, ignore_index):
+    """The keys labelled ignore_index taken out of the reference set (rows with that label then have no
+    positive, so they take no part either). In-batch keys become a reference set of the kept rows,
+    with each row's own slot in it; a given ref_self_index is moved to the kept keys' positions.
+    One host sync, and a copy of the kept keys (O(N·D)) when any is dropped."""
+    keep = key_labels != ignore_index
+    if bool(keep.all()):
+        return keys, key_labels, self_index, exclude_self
+    position = torch.where(keep, torch.cumsum(keep, dim=0) - 1, -1)  # old key -> new key (-1: dropped)
+    if exclude_self:
+        self_index = position
+    elif self_index is not None:
+        self_index = torch.where(self_index >= 0, position[self_index.clamp_min(0)], -1)
+    return keys[keep], key_labels[keep], self_index, False
 
 
 def set_workspace_limit(nbytes: int) -> None:

@@ -67,3 +67,31 @@ def test_bad_slots_are_refused():
         with_memory(emb, labels, ref, ref_labels, torch.tensor([0, 1]))
     with pytest.raises(TypeError):
         cl.pairwise_circle_loss(emb, labels, label_smoothing=0.1)  # class level only
+
+
+@pytest.mark.parametrize("form", ["batch", "memory"])
+def test_pairwise_ignore_index(fused, form):
+    """Rows and keys labelled ignore_index take no part: the same loss and gradients as leaving them out."""
+    emb, ref, labels, ref_labels = make_inputs(25, 40, 8, num_labels=4, device=device_for(fused))
+    labels[[2, 9, 17]] = -1
+    ref_labels[[0, 5, 6, 33]] = -1
+    kept_rows = labels != -1
+    if form == "batch":
+        result = run(cl.pairwise_circle_loss, (emb, labels), backend=fused, ignore_index=-1, reduction="sum")
+        expected = run(cl.pairwise_circle_loss, (emb[kept_rows], labels[kept_rows]), backend=fused, reduction="sum")
+        torch.testing.assert_close(result[0], expected[0])
+        torch.testing.assert_close(result[1][0][kept_rows], expected[1][0], rtol=1e-5, atol=1e-6)
+        assert (result[1][0][~kept_rows] == 0).all()
+    else:
+        slots = torch.arange(25, device=emb.device)
+        ref[:25], ref_labels[:25] = emb, labels  # the batch sits in slots 0..24
+        result = run(with_memory, (emb, labels, ref, ref_labels, slots), backend=fused, ignore_index=-1,
+                     reduction="sum")
+        kept = ref_labels != -1
+        position = torch.cumsum(kept, 0) - 1
+        expected = run(with_memory, (emb[kept_rows], labels[kept_rows], ref[kept], ref_labels[kept],
+                                     position[slots][kept_rows]), backend=fused, reduction="sum")
+        torch.testing.assert_close(result[0], expected[0])
+        torch.testing.assert_close(result[1][0][kept_rows], expected[1][0], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(result[1][1][kept], expected[1][1], rtol=1e-5, atol=1e-6)
+        assert (result[1][1][~kept] == 0).all()
