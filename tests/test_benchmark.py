@@ -64,3 +64,13 @@ def test_out_of_memory_is_recorded(monkeypatch, error):
     case = Case("class", 4, 32, 8, "fp32")
     row = benchmark.measure(case, "naive", make_inputs(case, "cpu"), "cpu", "reference")
     assert row["status"] == "oom"
+
+
+def test_pml_memory_benchmark_runs(tmp_path, capsys):
+    """python -m benchmarks.pml_memory in a tiny size: both rows, a record."""
+    from benchmarks import pml_memory
+    assert pml_memory.main(["--batch", "16", "--memory", "64", "--dim", "8", "--device", "cpu",
+                            "--out", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    assert "pml " in printed and "fused " in printed and "faster" in printed
+    assert len(list(tmp_path.glob("pml_memory_*.json"))) == 1

@@ -55,13 +55,24 @@ def test_positional_reference_set_and_int32_labels(dtype):
 
 @pytest.mark.parametrize("miner", [miners.MultiSimilarityMiner(epsilon=0.1), miners.TripletMarginMiner(margin=0.2)],
                          ids=["multi-similarity", "triplet-margin"])
-def test_mined_indices_tuple(miner):
-    emb, labels = inputs(torch.float64, tight=True)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_mined_indices_tuple(miner, dtype, monkeypatch):
+    """A miner's pairs or triplets: computed from those pairs alone (gathered dots), equal to PML's dense
+    masks; pairs mined twice count once."""
+    emb, labels = inputs(dtype)
     tuple_ = miner(emb, labels)
+    assert min(len(t) for t in tuple_) > 5
+    tuple_ = tuple(torch.cat([t, t[:5]]) for t in tuple_)  # some pairs twice
+    theirs = loss_and_grad(losses.CircleLoss(), emb, labels, tuple_)
     ours_fn = pml.CircleLoss()
-    assert ours_fn.unfused_reason(tuple_) is not None
-    assert_same(loss_and_grad(ours_fn, emb, labels, tuple_), loss_and_grad(losses.CircleLoss(), emb, labels, tuple_),
-                torch.float64)
+    monkeypatch.setattr(torch, "zeros_like", _no_dense_mask)  # PML's masks are zeros_like(mat)
+    ours = loss_and_grad(ours_fn, emb, labels, tuple_)
+    assert ours_fn.mined_calls == 1 and ours_fn.fused_calls == 0
+    assert_same(ours, theirs, dtype)
+
+
+def _no_dense_mask(*args, **kwargs):
+    raise AssertionError("a dense mask was built")
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
@@ -86,7 +97,7 @@ def _no_pairs_matrix(*args, **kwargs):
 
 
 def test_our_loss_inside_pmls_cross_batch_memory():
-    """PML's own CrossBatchMemory hands our loss its tuple of pairs: PML's values."""
+    """PML's own CrossBatchMemory hands our loss its tuple of pairs (computed from those pairs): PML's values."""
     ours = losses.CrossBatchMemory(pml.CircleLoss(), embedding_size=16, memory_size=100)
     theirs = losses.CrossBatchMemory(losses.CircleLoss(), embedding_size=16, memory_size=100)
     for step in range(3):
