@@ -1,4 +1,4 @@
-"""Command line: `python -m benchmarks.run [--full | --gpu-check | --quick] [--cases ...] [--fused-backend ...]`.
+"""Command line: `python -m benchmarks.run [--full | --gpu-check | --quick | --pml-memory] [--cases ...] [--fused-backend ...]`.
 
 Runs every (case, implementation) of the grid in this process, prints the table and the targets,
 writes the JSON record and the plot under benchmarks/results/ (or --out). How each number is taken:
@@ -38,6 +38,9 @@ def parse_args(argv):
                       help="cases A, B, C of the GPU goals (bf16; what benchmarks/gpu_check.sh runs)")
     grid.add_argument("--quick", action="store_true",
                       help="a tiny smoke grid, without torch.compile unless --impls names it")
+    grid.add_argument("--pml-memory", action="store_true",
+                      help="the CrossBatchMemory case instead: pytorch-metric-learning's against ours "
+                           "(B = 512, memory 16384, D = 128; python -m benchmarks.pml_memory)")
     parser.add_argument("--cases", nargs="+", default=[], metavar="PATTERN",
                         help="run only the cases whose name contains every pattern, e.g. --cases class C100000")
     parser.add_argument("--impls", default=None,
@@ -140,6 +143,9 @@ def measure(case, impl: str, inputs: dict, device: str, fused_backend: str) -> d
 def main(argv=None) -> int:
     started = time.perf_counter()
     args = parse_args(argv)
+    if args.pml_memory:  # its rows compare two CrossBatchMemory wrappers, not the grid's implementations
+        from . import pml_memory
+        return pml_memory.main(["--device", args.device, "--out", args.out])
     grid = (grids.full_grid() if args.full else grids.gpu_check_grid() if args.gpu_check
             else grids.quick_grid() if args.quick else grids.default_grid())
     cases = grids.select(grid, args.cases)

@@ -113,3 +113,24 @@ def test_self_supervised_and_multiple_losses_accept_it():
                                rtol=1e-4, atol=1e-5)
     both = losses.MultipleLosses([pml.CircleLoss(), losses.ContrastiveLoss()])
     assert torch.isfinite(both(emb, labels))
+
+
+def test_cross_batch_memory_holds_nothing_batch_by_memory():
+    """B = 256 against a memory of 65 536: one float32 B × M matrix would take 64 MB; the fused step
+    grows the process by less than half of that (PML's takes several of them)."""
+    from benchmarks.memory import PeakMemoryGrowth, cpu_peak_supported
+    if not cpu_peak_supported():
+        pytest.fail("the peak resident memory cannot be measured here (/proc/self/clear_refs)")
+    memory = pml.CrossBatchMemory(pml.CircleLoss(backend="cpu"), embedding_size=32, memory_size=65536)
+    with torch.no_grad():
+        memory.embedding_memory.normal_()
+        memory.label_memory.random_(0, 64)
+    memory.has_been_filled = True
+    emb, labels = inputs(torch.float32, B=256, D=32, num_labels=64)
+    emb.requires_grad_()
+    memory(emb, labels).backward()  # a first step: thread pools and the allocator's arenas
+    emb.grad = None
+    with PeakMemoryGrowth("cpu") as growth:
+        memory(emb, labels).backward()
+    assert memory.loss.fused_calls == 2
+    assert growth.bytes < 256 * 65536 * 4 / 2, f"{growth.bytes / 2**20:.0f} MB"
