@@ -17,7 +17,8 @@ stats and `get_default_*` work as with PML's own. With PML's `CosineSimilarity` 
   * the mined pairs alone when there is one (pairs (a1, p, a2, n) or triplets (a, p, n), as a miner
     gives them): their similarities as gathered dot products, O(pairs · D), and each row's log-sum-exp
     over its own positive and negative pairs (a pair mined twice counts once, as in PML's masks),
-    where PML builds dense B × N masks.
+    where PML builds dense B × N masks. Its per-row sums use index_add: the same bits on CPUs; on
+    CUDA the order of those additions (atomics) may vary in the last bits, as in PML.
 
 With any other distance PML's own code runs. Either way the reducer receives the per-row losses PML's CircleLoss
 gives it, so reducers (default AvgNonZeroReducer, which averages the rows whose loss is not 0) see
