@@ -79,7 +79,7 @@ def circle_forward_kernel(
                         BLOCK_B, BLOCK_N, BLOCK_D, EVEN_D, DOT_PRECISION)
         inv_norm_k = tl.load(inv_norm_k_ptr + keys, mask=keys < N, other=0.0)
         s = dots * inv_norm_q[:, None] * inv_norm_k[None, :]
-        # masks: keys past N and (in-batch) the pair (i, i) are no pair
+        # masks: keys past N and the row's excluded key (i itself in-batch) are no pair
         absent = (keys >= N)[None, :]
         if EXCLUDE_KEY:  # each row's own slot: i itself in-batch, or its slot in a memory
             absent = absent | excluded_pairs(excluded_key, n0, BLOCK_N)
