@@ -78,6 +78,8 @@ def problems(draw):
         gamma=draw(st.floats(1.0, 300.0)),
         detach_alpha=draw(st.booleans()),
         reduction=draw(st.sampled_from(["none", "sum", "mean"])),
+        # reference sets: each row's own slot in the set (ref_self_index), some rows without one
+        own_slots=form == "reference set" and draw(st.booleans()),
         seed=draw(st.integers(0, 2**31 - 1)),
     )
 
@@ -196,9 +198,12 @@ def test_matches_reference(backend, problem):
 
         check_against_reference(loss, (emb, keys, labels), backend, **options)
     elif p["form"] == "reference set":
+        slots = torch.randint(-1, p["N"], (p["B"],), generator=gen).to(device) if p["own_slots"] else None
+
         def loss(e, y, r, ry, **kw):
             return cl.pairwise_circle_loss(emb_of(e), labels_of(y), ref_embeddings=matrix_view(key_layout, r, p["N"]),
-                                           ref_labels=label_view(key_label_layout, ry, p["N"]), **kw)
+                                           ref_labels=label_view(key_label_layout, ry, p["N"]), ref_self_index=slots,
+                                           **kw)
 
         check_against_reference(loss, (emb, labels, keys, key_labels), backend, **options)
     else:
