@@ -80,6 +80,7 @@ def problems(draw):
         reduction=draw(st.sampled_from(["none", "sum", "mean"])),
         # reference sets: each row's own slot in the set (ref_self_index), some rows without one
         own_slots=form == "reference set" and draw(st.booleans()),
+        label_smoothing=draw(st.sampled_from([0.0, 0.1, 1.0])) if form == "class" else 0.0,
         seed=draw(st.integers(0, 2**31 - 1)),
     )
 
@@ -146,11 +147,13 @@ def g_rounding_floor(p, emb, keys, labels, key_labels):
     elif p["form"] == "in batch":
         k, key_labels = q, labels
     s = reference.cosine_similarities(q, k).requires_grad_()
-    lse_pos, lse_neg = reference.circle_lse_of_similarities(
+    lse_pos, lse_neg, negative_sum = reference.circle_lse_of_similarities(
         s, labels.cpu(), key_labels.cpu(), margin=p["m"], gamma=p["gamma"], exclude_self=p["form"] == "in batch",
-        detach_alpha=p["detach_alpha"])
+        detach_alpha=p["detach_alpha"], with_negative_sum=True)
     taking_part = torch.isfinite(lse_pos) & torch.isfinite(lse_neg)
-    torch.nn.functional.softplus(lse_pos + lse_neg)[taking_part].sum().backward()
+    smooth_pos, smooth_neg = cl.api.smoothing_coefficients(p["label_smoothing"], k.shape[0])
+    rows = torch.nn.functional.softplus(lse_pos + lse_neg) - smooth_pos * lse_pos - smooth_neg * negative_sum
+    rows[taking_part].sum().backward()
     g = s.grad.abs() * 1.5 / (max(int(taking_part.sum()), 1) if p["reduction"] == "mean" else 1)
     per_query = g.sum(dim=1) / q.norm(dim=1).clamp_min(1e-12)
     per_key = g.sum(dim=0) / k.norm(dim=1).clamp_min(1e-12)
@@ -194,7 +197,8 @@ def test_matches_reference(backend, problem):
 
     if p["form"] == "class":
         def loss(e, w, y, **kw):
-            return cl.circle_loss(emb_of(e), matrix_view(key_layout, w, p["N"]), labels_of(y), ignore_index=-1, **kw)
+            return cl.circle_loss(emb_of(e), matrix_view(key_layout, w, p["N"]), labels_of(y), ignore_index=-1,
+                                  label_smoothing=p["label_smoothing"], **kw)
 
         check_against_reference(loss, (emb, keys, labels), backend, **options)
     elif p["form"] == "reference set":
