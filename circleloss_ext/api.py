@@ -14,19 +14,18 @@ Reduction = Literal["none", "sum", "mean"]
 Backend = Literal["auto", "triton", "cpu", "reference"]
 
 
-def _autocasting(x: Tensor) -> bool:
+def autocasting(x: Tensor) -> bool:
     """Whether autocast is on for x's device: then operands of different float dtypes are fine (both are
     cast to the autocast dtype, as nn.Linear's are)."""
     return torch.is_autocast_enabled(x.device.type)
 
 
-def _autocast(*tensors):
+def autocast_operands(*tensors):
     """Under torch.autocast the loss behaves as nn.Linear then cross_entropy: the products run in the
     autocast dtype, the loss comes back in float32."""
-    device_type = tensors[0].device.type
-    if not torch.is_autocast_enabled(device_type):
+    if not autocasting(tensors[0]):
         return tensors, tensors[0].dtype
-    dtype = torch.get_autocast_dtype(device_type)
+    dtype = torch.get_autocast_dtype(tensors[0].device.type)
     return tuple(t.to(dtype) for t in tensors), torch.float32
 
 
@@ -96,7 +95,7 @@ def circle_loss(embeddings: Tensor, weight: Tensor, labels: Tensor, *, m: float 
     """
     check_matrix("embeddings", embeddings)
     check_matrix("weight", weight, embeddings.shape[1])
-    check_same("weight", weight, "embeddings", embeddings, dtype=not _autocasting(embeddings))
+    check_same("weight", weight, "embeddings", embeddings, dtype=not autocasting(embeddings))
     check_labels("labels", labels, embeddings.shape[0], "embeddings")
     check_same("labels", labels, "embeddings", embeddings, dtype=False)
     check_hyperparameters(m, gamma, reduction, backend, detach_alpha)
@@ -104,7 +103,7 @@ def circle_loss(embeddings: Tensor, weight: Tensor, labels: Tensor, *, m: float 
     check_bool("with_accuracy", with_accuracy)
     check_label_smoothing(label_smoothing)
     labels = as_index_labels(labels)
-    (embeddings, weight), out_dtype = _autocast(embeddings, weight)
+    (embeddings, weight), out_dtype = autocast_operands(embeddings, weight)
     run = resolve_backend(backend, embeddings)
     check_label_values(labels, weight.shape[0], ignore_index)
     if 0 <= ignore_index < weight.shape[0]:  # an in-range ignore_index must not match its class
@@ -142,7 +141,7 @@ def pairwise_circle_loss(embeddings: Tensor, labels: Tensor, *, ref_embeddings: 
         raise ValueError(f"a reference set needs both ref_embeddings and ref_labels; {missing} is missing")
     if ref_embeddings is not None:
         check_matrix("ref_embeddings", ref_embeddings, embeddings.shape[1])
-        check_same("ref_embeddings", ref_embeddings, "embeddings", embeddings, dtype=not _autocasting(embeddings))
+        check_same("ref_embeddings", ref_embeddings, "embeddings", embeddings, dtype=not autocasting(embeddings))
         check_labels("ref_labels", ref_labels, ref_embeddings.shape[0], "ref_embeddings")
         check_same("ref_labels", ref_labels, "embeddings", embeddings, dtype=False)
     if ref_self_index is not None:
@@ -162,7 +161,7 @@ def pairwise_circle_loss(embeddings: Tensor, labels: Tensor, *, ref_embeddings: 
     if exclude_self:
         ref_embeddings, ref_labels = embeddings, labels
     ref_labels = as_index_labels(ref_labels)
-    (embeddings, ref_embeddings), out_dtype = _autocast(embeddings, ref_embeddings)
+    (embeddings, ref_embeddings), out_dtype = autocast_operands(embeddings, ref_embeddings)
     if exclude_self:
         ref_embeddings = embeddings
     if ignore_index is not None:

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import ops, reference
-from .api import Backend, smoothing_coefficients
+from .api import Backend, autocast_operands, autocasting, smoothing_coefficients
 from .ops import resolve_backend
 from .validation import (LABEL_DTYPES, as_index_labels, check_bool, check_hyperparameters, check_ignore_index,
                          check_label_smoothing, check_matrix, check_positive_int)
@@ -106,24 +106,26 @@ class _ShardPartial:
             margin=self.margin, gamma=self.gamma, exclude_self=False, detach_alpha=self.detach_alpha,
             with_negative_sum=True)
 
-    def forward(self, queries, keys, labels, track_top1, negative_sum):
+    def forward(self, queries, keys, labels, track_top1, smooth_pos, smooth_neg):
         """(LP^r, LN^r, what backward needs, top^r, V^r): the shard's partial statistics; top^r (2, B) the
         largest positive and negative similarity within the shard with track_top1, V^r (B,) the sum of
-        the shard's negative logits with negative_sum; else empty."""
+        the shard's negative logits when label smoothing is on (smooth_neg ≠ 0); else empty."""
         if self.backend == "reference":
             with torch.no_grad():
                 lse_pos, lse_neg, sums = self._reference_lse(queries, keys, labels)
             top = reference.nearest_similarities(queries, keys, labels, torch.arange(keys.shape[0], device=keys.device),
                                                  exclude_self=False) if track_top1 else lse_pos.new_empty(0)
             return lse_pos, lse_neg, (), top, sums
-        # any nonzero smooth_neg asks for V^r; the local row losses are not used
+        # (the shard's own row losses are not used: the global ones come from the combined statistics)
         _, statistics, top, sums = ops.forward_rows(queries, keys, labels, None, self.margin, self.gamma, False,
-                                                    self.backend, track_top1, 0.0, 1.0 if negative_sum else 0.0)
+                                                    self.backend, track_top1, smooth_pos, smooth_neg)
         return statistics.lse_pos, statistics.lse_neg, (statistics.inv_norm_q, statistics.inv_norm_k), top, sums
 
     def backward(self, grad_rows, queries, keys, labels, lse_pos, lse_neg, saved, need_keys, smooth_pos=0.0,
                  smooth_neg=0.0):
         if self.backend == "reference":
+            # rows that take no part reach no gradient (the fused op sees to that itself)
+            grad_rows = torch.where(ops.rows_taking_part(lse_pos, lse_neg), grad_rows, 0.0)
             row_scale = torch.sigmoid(lse_pos + lse_neg) * grad_rows
             safe_pos = torch.where(lse_pos > _NEG_INF, lse_pos, torch.zeros_like(lse_pos))
             safe_neg = torch.where(lse_neg > _NEG_INF, lse_neg, torch.zeros_like(lse_neg))
@@ -153,12 +155,12 @@ class _ShardedCircleLossFunction(torch.autograd.Function):
         labels as indices into keys (-1 for classes outside them); num_classes: the classes scored over
         all ranks this step (label smoothing spreads over them)."""
         queries = _all_gather(local_embeddings, group, world_size)
-        part_pos, part_neg, saved, top, part_sum = partial.forward(queries, keys, labels, track_top1,
-                                                                   label_smoothing > 0)
+        smooth_pos, smooth_neg = smoothing_coefficients(label_smoothing, num_classes)
+        part_pos, part_neg, saved, top, part_sum = partial.forward(queries, keys, labels, track_top1, smooth_pos,
+                                                                   smooth_neg)
         lse_pos = _all_reduce_lse(part_pos, group)
         lse_neg = _all_reduce_lse(part_neg, group)
         takes_part = ops.rows_taking_part(lse_pos, lse_neg)
-        smooth_pos, smooth_neg = smoothing_coefficients(label_smoothing, num_classes)
         negative_sum = part_sum
         if label_smoothing > 0:
             negative_sum = part_sum.clone()
@@ -186,7 +188,6 @@ class _ShardedCircleLossFunction(torch.autograd.Function):
         else:
             scale = grad_out / count if ctx.reduction == "mean" else grad_out
             grad_rows = scale.to(lse_pos.dtype).expand(queries.shape[0]).contiguous()
-        grad_rows = torch.where(ops.rows_taking_part(lse_pos, lse_neg), grad_rows, 0.0)
         grad_q, grad_k = ctx.partial.backward(grad_rows, queries, keys, labels, lse_pos, lse_neg, saved,
                                               ctx.needs_input_grad[1], *ctx.smoothing)
         # every shard's part of dL/dq, summed, each rank receiving its own rows; times W because DDP
@@ -369,18 +370,14 @@ class ShardedCircleLoss(nn.Module):
     def forward(self, local_embeddings: Tensor, local_labels: Tensor) -> Tensor:
         self._check_batch(local_embeddings, local_labels)
         local_labels = as_index_labels(local_labels)
-        device_type = self.weight.device.type
-        autocast = torch.is_autocast_enabled(device_type)
         if local_embeddings.device != self.weight.device or \
-                (local_embeddings.dtype != self.weight.dtype and not autocast):
+                (local_embeddings.dtype != self.weight.dtype and not autocasting(local_embeddings)):
             raise ValueError(f"local_embeddings ({local_embeddings.dtype}, {local_embeddings.device}) must match "
                              f"weight ({self.weight.dtype}, {self.weight.device}), or run under torch.autocast")
         sampled, shard_labels = self._sample(_all_gather(local_labels, self.group, self.world_size))
         self.last_sampled = sampled
         keys = self.weight if sampled is None else self.weight.index_select(0, sampled)
-        if autocast:  # as nn.Linear under autocast: both operands in the autocast dtype
-            dtype = torch.get_autocast_dtype(device_type)
-            local_embeddings, keys = local_embeddings.to(dtype), keys.to(dtype)
+        (local_embeddings, keys), _ = autocast_operands(local_embeddings, keys)  # as nn.Linear's operands
         partial = _ShardPartial(resolve_backend(self.backend, local_embeddings), float(self.m), float(self.gamma),
                                 self.detach_alpha)
         num_classes = self.num_classes

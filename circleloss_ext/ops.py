@@ -88,16 +88,14 @@ class FusedBackend(Protocol):
                        excluded_keys: Optional[Tensor], track_top1: bool,
                        negative_sum: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """(LP, LN, top, V): LP, LN float32 (B,), log-sum-exps of each row's positive and negative logits,
-        -inf where the row has none. With
-        track_top1, top float32 (2, B) holds each row's largest positive and largest negative
-        similarity (-inf where none); with negative_sum, V float32 (B,) the sum of each row's negative
-        logits (label smoothing); each an empty tensor otherwise."""
+        -inf where the row has none. With track_top1, top float32 (2, B) holds each row's largest positive
+        and largest negative similarity (-inf where none); with negative_sum, V float32 (B,) the sum of
+        each row's negative logits (label smoothing); each an empty tensor otherwise."""
 
     def circle_backward(self, grad_rows: Tensor, queries: Tensor, keys: Tensor, query_labels: Tensor,
                         key_labels: Optional[Tensor], inv_norm_q: Tensor, inv_norm_k: Tensor, lse_pos: Tensor,
                         lse_neg: Tensor, margin: float, gamma: float, excluded_keys: Optional[Tensor],
-                        detach_alpha: bool,
-                        need_queries: bool, need_keys: bool, smooth_pos: float,
+                        detach_alpha: bool, need_queries: bool, need_keys: bool, smooth_pos: float,
                         smooth_neg: float) -> tuple[Tensor, Tensor]:
         """(∂L/∂queries, ∂L/∂keys) in the operands' dtypes for L_i = softplus(LP_i + LN_i) - smooth_pos·LP_i
         - smooth_neg·V_i and upstream gradients grad_rows (float32 (B,)); anything (None or empty) where

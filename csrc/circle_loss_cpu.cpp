@@ -289,13 +289,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> circle_forward(
   const Problem pb(queries, keys, query_labels, key_labels, inv_norm_q, inv_norm_k, excluded_keys);
   const Epilogue ep{static_cast<float>(margin), static_cast<float>(gamma), true};
   const int64_t B = pb.B;
-  at::Tensor partial = at::empty({2, pb.splits, B}, at::TensorOptions().dtype(at::kFloat));
+  const auto opts = at::TensorOptions().dtype(at::kFloat);
+  at::Tensor partial = at::empty({2, pb.splits, B}, opts);
   float* partial_pos = partial.data_ptr<float>();
   float* partial_neg = partial_pos + pb.splits * B;
-  at::Tensor top_partial = at::full({2, track_top1 ? pb.splits : 0, B}, kNegInf, at::TensorOptions().dtype(at::kFloat));
+  at::Tensor top_partial = at::full({2, track_top1 ? pb.splits : 0, B}, kNegInf, opts);
   float* top_pos = top_partial.data_ptr<float>();
   float* top_neg = top_pos + (track_top1 ? pb.splits * B : 0);
-  at::Tensor sum_partial = at::zeros({negative_sum ? pb.splits : 0, B}, at::TensorOptions().dtype(at::kFloat));
+  at::Tensor sum_partial = at::zeros({negative_sum ? pb.splits : 0, B}, opts);
   float* neg_sum = sum_partial.data_ptr<float>();
   const int64_t* a = pb.query_labels.data_ptr<int64_t>();
 
@@ -357,7 +358,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> circle_forward(
       partial_neg[p * B + i] = max_neg[i] + std::log(sum_neg[i]);
     }
   });
-  const auto opts = at::TensorOptions().dtype(at::kFloat);
   at::Tensor top = track_top1 ? max_over_splits(top_partial) : at::empty({0}, opts);
   at::Tensor sums = negative_sum ? sum_partial.sum(0) : at::empty({0}, opts);  // a fixed order over splits
   return {combine_splits(partial[0]), combine_splits(partial[1]), top, sums};

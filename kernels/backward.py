@@ -90,6 +90,9 @@ def circle_backward(grad_rows, queries, keys, query_labels, key_labels, inv_norm
     grad_k = torch.empty(N, D, device=device, dtype=keys.dtype) if need_keys else None
     precision = dot_precision(h_dtype)
     q_tiles = triton.cdiv(B, queries_cfg.blocks["BLOCK_B"]) * triton.cdiv(D, queries_cfg.blocks["BLOCK_D"])
+    if need_queries:  # R's partial sums: as many splits as the widest chunk (the first) takes
+        max_splits, _ = key_splits(min(chunk, N), q_tiles, queries_cfg.blocks["BLOCK_N"], queries)
+        partials = torch.empty(max_splits, B, D, device=device, dtype=torch.float32)
     for key_start in range(0, N, chunk):
         chunk_len = min(chunk, N - key_start)
         span = dict(key_start=key_start, chunk_len=chunk_len, h_stride=chunk)
@@ -101,7 +104,7 @@ def circle_backward(grad_rows, queries, keys, query_labels, key_labels, inv_norm
             LABEL_SMOOTHING=smoothing, EVEN_D=even_d(D, similarity_cfg), **similarity_cfg.kwargs())
         if need_queries:
             splits, keys_per_split = key_splits(chunk_len, q_tiles, queries_cfg.blocks["BLOCK_N"], queries)
-            partial = torch.empty(splits, B, D, device=device, dtype=torch.float32)
+            partial = partials[:splits]
             grid = (triton.cdiv(B, queries_cfg.blocks["BLOCK_B"]), triton.cdiv(D, queries_cfg.blocks["BLOCK_D"]),
                     splits)
             circle_grad_queries_kernel[grid](

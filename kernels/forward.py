@@ -20,7 +20,8 @@ import triton
 import triton.language as tl
 
 from .presets import target_programs, tile_config
-from .tile import circle_epilogue, dot_tile, even_d, positive_pairs, problem_arguments, row_labels, excluded_pairs
+from .tile import (circle_epilogue, dot_tile, even_d, excluded_pairs, positive_pairs, problem_arguments,
+                   row_excluded_keys, row_labels)
 
 
 @triton.jit
@@ -71,7 +72,7 @@ def circle_forward_kernel(
     key_stop = tl.minimum(key_start + keys_per_split, N)
     q_label = row_labels(q_label_ptr, rows, B, CLASS_LEVEL)
     if EXCLUDE_KEY:
-        excluded_key = tl.load(excluded_key_ptr + rows, mask=rows < B, other=-1)
+        excluded_key = row_excluded_keys(excluded_key_ptr, rows, B)
     for n0 in range(key_start, key_stop, BLOCK_N):
         keys = n0 + tl.arange(0, BLOCK_N)
         # S tile: raw products on the tensor cores, normalised in the float32 accumulator
@@ -86,7 +87,7 @@ def circle_forward_kernel(
         if CLASS_LEVEL:
             # negatives only: the row's own class is the positive, gathered after the loop
             logit2, _ = circle_epilogue(s, False, margin, gamma, True)
-            absent = absent | (keys.to(tl.int32)[None, :] == q_label[:, None])
+            absent = absent | positive_pairs(q_label, k_label_ptr, keys, N, CLASS_LEVEL)
             logit2 = tl.where(absent, float("-inf"), logit2)
             if TRACK_TOP1:
                 top_neg = tl.maximum(top_neg, tl.max(tl.where(absent, float("-inf"), s), axis=1))

@@ -18,7 +18,7 @@ from the positive and c = c_n = ε/C onto every negative.
 import triton
 import triton.language as tl
 
-from .tile import circle_epilogue, dot_tile, positive_pairs, row_labels, excluded_pairs
+from .tile import circle_epilogue, dot_tile, excluded_pairs, positive_pairs, row_excluded_keys, row_labels
 
 
 @triton.jit
@@ -44,7 +44,7 @@ def circle_grad_similarity_kernel(
     h_row = row_scale * inv_norm_q * tl.load(grad_scale_ptr)  # H_ij = h_row_i · (G_ij / σ_i) · (1/‖k_j‖)
     q_label = row_labels(q_label_ptr, rows, B, CLASS_LEVEL)
     if EXCLUDE_KEY:
-        excluded_key = tl.load(excluded_key_ptr + rows, mask=rows < B, other=-1)
+        excluded_key = row_excluded_keys(excluded_key_ptr, rows, B)
     if LABEL_SMOOTHING:  # the smoothed target's share, g_i·c_p or g_i·c_n, in the units of h_row
         smooth_row = tl.load(grad_rows_ptr + rows, mask=row_ok, other=0.0) * inv_norm_q * tl.load(grad_scale_ptr)
     local_start = split.to(tl.int64) * keys_per_split

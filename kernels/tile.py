@@ -85,6 +85,12 @@ def row_labels(q_label_ptr, rows, B, CLASS_LEVEL: tl.constexpr):
 
 
 @triton.jit
+def row_excluded_keys(excluded_key_ptr, rows, B):
+    """Each row's excluded key (-1 for rows past B)."""
+    return tl.load(excluded_key_ptr + rows, mask=rows < B, other=-1)
+
+
+@triton.jit
 def positive_pairs(q_label, k_label_ptr, keys, N, CLASS_LEVEL: tl.constexpr):
     """The tile of b_j == a_i (b_j = j for class-level keys, the rows of W)."""
     if CLASS_LEVEL:

@@ -92,7 +92,7 @@ class PartialFC_V2(ShardedCircleLoss):
             self.weight.normal_(0.0, 0.01, generator=init)
 
     def _sample_count(self, rows: int) -> int:
-        return max(1, int(self.sample_rate * rows))
+        return max(1, self.num_sample)  # insightface's int(sample_rate · num_local); at least one row
 
     def forward(self, local_embeddings: Tensor, local_labels: Tensor) -> Tensor:
         if isinstance(local_labels, Tensor) and local_labels.dim() == 2 and local_labels.shape[1] == 1:
