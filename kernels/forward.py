@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from .presets import target_programs, tile_config
-from .tile import (circle_epilogue, dot_tile, even_d, excluded_pairs, positive_pairs, problem_arguments,
+from .tile import (LN_2, LOG2_E, circle_epilogue, dot_tile, even_d, excluded_pairs, positive_pairs, problem_arguments,
                    row_excluded_keys, row_labels)
 
 
@@ -73,44 +73,45 @@ def circle_forward_kernel(
     q_label = row_labels(q_label_ptr, rows, B, CLASS_LEVEL)
     if EXCLUDE_KEY:
         excluded_key = row_excluded_keys(excluded_key_ptr, rows, B)
+    scale2 = gamma * LOG2_E  # logit units (γ) to base-2 logits
     for n0 in range(key_start, key_stop, BLOCK_N):
         keys = n0 + tl.arange(0, BLOCK_N)
         # S tile: raw products on the tensor cores, normalised in the float32 accumulator
         dots = dot_tile(q_ptr, k_ptr, rows, keys, B, N, D, stride_qb, stride_qd, stride_kn, stride_kd,
                         BLOCK_B, BLOCK_N, BLOCK_D, EVEN_D, DOT_PRECISION)
         inv_norm_k = tl.load(inv_norm_k_ptr + keys, mask=keys < N, other=0.0)
-        s = dots * inv_norm_q[:, None] * inv_norm_k[None, :]
+        s = dots * inv_norm_k[None, :] * inv_norm_q[:, None]
         # masks: keys past N and the row's excluded key (i itself in-batch) are no pair
         absent = (keys >= N)[None, :]
         if EXCLUDE_KEY:  # each row's own slot: i itself in-batch, or its slot in a memory
             absent = absent | excluded_pairs(excluded_key, n0, BLOCK_N)
         if CLASS_LEVEL:
             # negatives only: the row's own class is the positive, gathered after the loop
-            logit2, _ = circle_epilogue(s, False, margin, gamma, True)
+            logit, _ = circle_epilogue(s, False, margin, True)
             absent = absent | positive_pairs(q_label, k_label_ptr, keys, N, CLASS_LEVEL)
-            logit2 = tl.where(absent, float("-inf"), logit2)
+            logit = tl.where(absent, float("-inf"), logit)
             if TRACK_TOP1:
                 top_neg = tl.maximum(top_neg, tl.max(tl.where(absent, float("-inf"), s), axis=1))
             if NEGATIVE_SUM:
-                negative_sum += tl.sum(tl.where(absent, 0.0, logit2), axis=1)
-            # online log-sum-exp: rescale the running sum to the new maximum, add this tile
-            max_neg, sum_neg, shift = _rescale(max_neg, sum_neg, tl.max(logit2, axis=1))
-            sum_neg += tl.sum(tl.exp2(logit2 - shift[:, None]), axis=1)
+                negative_sum += tl.sum(tl.where(absent, 0.0, logit), axis=1)
+            # online log-sum-exp in base 2: rescale the running sum to the new maximum, add this tile
+            max_neg, sum_neg, shift = _rescale(max_neg, sum_neg, tl.max(logit, axis=1) * scale2)
+            sum_neg += tl.sum(tl.exp2(tl.fma(logit, scale2, -shift[:, None])), axis=1)
         else:
             is_pos = positive_pairs(q_label, k_label_ptr, keys, N, CLASS_LEVEL)
-            logit2, _ = circle_epilogue(s, is_pos, margin, gamma, True)
-            logit2 = tl.where(absent, float("-inf"), logit2)
+            logit, _ = circle_epilogue(s, is_pos, margin, True)
+            logit = tl.where(absent, float("-inf"), logit)
             if TRACK_TOP1:
                 top_pos = tl.maximum(top_pos, tl.max(tl.where(is_pos & ~absent, s, float("-inf")), axis=1))
                 top_neg = tl.maximum(top_neg, tl.max(tl.where(is_pos | absent, float("-inf"), s), axis=1))
             if NEGATIVE_SUM:
-                negative_sum += tl.sum(tl.where(is_pos | absent, 0.0, logit2), axis=1)
+                negative_sum += tl.sum(tl.where(is_pos | absent, 0.0, logit), axis=1)
             # online log-sum-exp for each kind: new maxima, then one exp2 per similarity against its own
-            max_pos, sum_pos, shift_pos = _rescale(max_pos, sum_pos,
-                                                   tl.max(tl.where(is_pos, logit2, float("-inf")), axis=1))
-            max_neg, sum_neg, shift_neg = _rescale(max_neg, sum_neg,
-                                                   tl.max(tl.where(is_pos, float("-inf"), logit2), axis=1))
-            p = tl.exp2(logit2 - tl.where(is_pos, shift_pos[:, None], shift_neg[:, None]))
+            max_pos, sum_pos, shift_pos = _rescale(
+                max_pos, sum_pos, tl.max(tl.where(is_pos, logit, float("-inf")), axis=1) * scale2)
+            max_neg, sum_neg, shift_neg = _rescale(
+                max_neg, sum_neg, tl.max(tl.where(is_pos, float("-inf"), logit), axis=1) * scale2)
+            p = tl.exp2(tl.fma(logit, scale2, -tl.where(is_pos, shift_pos[:, None], shift_neg[:, None])))
             sum_pos += tl.sum(tl.where(is_pos, p, 0.0), axis=1)
             sum_neg += tl.sum(tl.where(is_pos, 0.0, p), axis=1)
     lse_pos = max_pos + tl.log2(sum_pos)
@@ -118,15 +119,15 @@ def circle_forward_kernel(
         if split == 0:
             s_pos, has_pos = _gathered_positive(q_ptr, k_ptr, inv_norm_k_ptr, rows, q_label, inv_norm_q, B, N, D,
                                                 stride_qb, stride_qd, stride_kn, stride_kd, BLOCK_B, BLOCK_D)
-            logit2_pos, _ = circle_epilogue(s_pos, True, margin, gamma, True)
-            lse_pos = tl.where(has_pos, logit2_pos, float("-inf"))
+            logit_pos, _ = circle_epilogue(s_pos, True, margin, True)
+            lse_pos = tl.where(has_pos, logit_pos * scale2, float("-inf"))
             top_pos = tl.where(has_pos, s_pos, float("-inf"))
     out = split.to(tl.int64) * B + rows
     # back to natural units (LP, LN are log-sum-exps of u and v)
-    tl.store(lse_pos_ptr + out, lse_pos * 0.6931471805599453, mask=rows < B)
-    tl.store(lse_neg_ptr + out, (max_neg + tl.log2(sum_neg)) * 0.6931471805599453, mask=rows < B)
-    if NEGATIVE_SUM:  # (splits, B), in natural units
-        tl.store(negative_sum_ptr + out, negative_sum * 0.6931471805599453, mask=rows < B)
+    tl.store(lse_pos_ptr + out, lse_pos * LN_2, mask=rows < B)
+    tl.store(lse_neg_ptr + out, (max_neg + tl.log2(sum_neg)) * LN_2, mask=rows < B)
+    if NEGATIVE_SUM:  # (splits, B), in natural units: γ·Σ v/γ
+        tl.store(negative_sum_ptr + out, negative_sum * gamma, mask=rows < B)
     if TRACK_TOP1:  # top: (2, splits, B)
         tl.store(top_ptr + out, top_pos, mask=rows < B)
         tl.store(top_ptr + tl.num_programs(1).to(tl.int64) * B + out, top_neg, mask=rows < B)

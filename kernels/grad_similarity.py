@@ -18,7 +18,7 @@ from the positive and c = c_n = ε/C onto every negative.
 import triton
 import triton.language as tl
 
-from .tile import circle_epilogue, dot_tile, excluded_pairs, positive_pairs, row_excluded_keys, row_labels
+from .tile import LOG2_E, circle_epilogue, dot_tile, excluded_pairs, positive_pairs, row_excluded_keys, row_labels
 
 
 @triton.jit
@@ -38,15 +38,18 @@ def circle_grad_similarity_kernel(
     row_ok = rows < B
     inv_norm_q = tl.load(inv_norm_q_ptr + rows, mask=row_ok, other=0.0)
     # the row's statistics in base 2; rows past B get +inf log-sum-exps, so their weights are 0
-    lse_pos2 = tl.load(lse_pos_ptr + rows, mask=row_ok, other=float("inf")) * 1.4426950408889634
-    lse_neg2 = tl.load(lse_neg_ptr + rows, mask=row_ok, other=float("inf")) * 1.4426950408889634
+    lse_pos2 = tl.load(lse_pos_ptr + rows, mask=row_ok, other=float("inf")) * LOG2_E
+    lse_neg2 = tl.load(lse_neg_ptr + rows, mask=row_ok, other=float("inf")) * LOG2_E
     row_scale = tl.load(row_scale_ptr + rows, mask=row_ok, other=0.0)  # σ_i
-    h_row = row_scale * inv_norm_q * tl.load(grad_scale_ptr)  # H_ij = h_row_i · (G_ij / σ_i) · (1/‖k_j‖)
+    # H_ij = h_row_i · (G_ij / (γ·σ_i)) · (1/‖k_j‖): γ (the epilogue's unit) folded into the row factor
+    row_factor = inv_norm_q * (gamma * tl.load(grad_scale_ptr))
+    h_row = row_scale * row_factor
     q_label = row_labels(q_label_ptr, rows, B, CLASS_LEVEL)
     if EXCLUDE_KEY:
         excluded_key = row_excluded_keys(excluded_key_ptr, rows, B)
     if LABEL_SMOOTHING:  # the smoothed target's share, g_i·c_p or g_i·c_n, in the units of h_row
-        smooth_row = tl.load(grad_rows_ptr + rows, mask=row_ok, other=0.0) * inv_norm_q * tl.load(grad_scale_ptr)
+        smooth_row = tl.load(grad_rows_ptr + rows, mask=row_ok, other=0.0) * row_factor
+    scale2 = gamma * LOG2_E  # logit units (γ) to base-2 logits
     local_start = split.to(tl.int64) * keys_per_split
     local_stop = tl.minimum(local_start + keys_per_split, chunk_len)
     for j0 in range(local_start, local_stop, BLOCK_N):
@@ -56,11 +59,11 @@ def circle_grad_similarity_kernel(
         dots = dot_tile(q_ptr, k_ptr, rows, keys, B, N, D, stride_qb, stride_qd, stride_kn, stride_kd,
                         BLOCK_B, BLOCK_N, BLOCK_D, EVEN_D, DOT_PRECISION)
         inv_norm_k = tl.load(inv_norm_k_ptr + keys, mask=keys < N, other=0.0)
-        s = dots * inv_norm_q[:, None] * inv_norm_k[None, :]
+        s = dots * inv_norm_k[None, :] * inv_norm_q[:, None]
         is_pos = positive_pairs(q_label, k_label_ptr, keys, N, CLASS_LEVEL)
-        logit2, slope = circle_epilogue(s, is_pos, margin, gamma, DETACH_ALPHA)
-        # G_ij / σ_i: the logit's softmax weight within LP_i or LN_i, times d logit / d s
-        weight = tl.exp2(logit2 - tl.where(is_pos, lse_pos2[:, None], lse_neg2[:, None]))
+        logit, slope = circle_epilogue(s, is_pos, margin, DETACH_ALPHA)
+        # G_ij / (γ·σ_i): the logit's softmax weight within LP_i or LN_i, times (d logit / d s) / γ
+        weight = tl.exp2(tl.fma(logit, scale2, -tl.where(is_pos, lse_pos2[:, None], lse_neg2[:, None])))
         absent = (keys >= N)[None, :]
         if EXCLUDE_KEY:
             absent = absent | excluded_pairs(excluded_key, key_start + j0, BLOCK_N)

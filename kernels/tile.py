@@ -1,14 +1,18 @@
 """The pieces every Circle Loss kernel shares: one similarity tile and its epilogue.
 
 Symbols follow docs/design.md: queries q_i with labels a_i, keys k_j with labels b_j,
-s_ij = q̂_i · k̂_j, margin m, scale γ. Logits are kept in base 2 (γ·log2 e folded into one constant),
-so each exponential is one exp2.
+s_ij = q̂_i · k̂_j, margin m, scale γ. The epilogue gives logits in units of γ; the kernels keep their
+log-sum-exps in base 2 and fold γ·log2 e into the one fused multiply-add before each exp2.
 """
 import torch
 import triton
 import triton.language as tl
 
 from .presets import dot_precision
+
+LOG2_E = tl.constexpr(1.4426950408889634)
+LN_2 = tl.constexpr(0.6931471805599453)
+
 
 @triton.jit
 def matmul(a, b, acc, DOT_PRECISION: tl.constexpr):
@@ -49,30 +53,29 @@ def dot_tile(q_ptr, k_ptr, rows, keys, B, N, D, stride_qb, stride_qd, stride_kn,
 
 
 @triton.jit
-def circle_epilogue(s, is_pos, margin, gamma, DETACH_ALPHA: tl.constexpr):
-    """The Circle Loss formula on similarities s: the one place α, Δ and γ are written.
+def circle_epilogue(s, is_pos, margin, DETACH_ALPHA: tl.constexpr):
+    """The Circle Loss formula on similarities s: the one place α, Δ and the margin are written.
 
     is_pos: a tile of b_j == a_i, or a constant True / False for a tile of one kind.
-    Returns (logit2, slope):
-      logit2  the logit in base 2, log2 e · (u_ij = -γ·α^p·(s - Δ_p) on positives, v_ij = γ·α^n·(s - Δ_n)
-              on negatives); masks (bounds, labels, i == j) are the caller's;
-      slope   d logit / d s in natural units: -γ·α^p and γ·α^n with α detached; otherwise
-              -2γ(1 - s)·[α^p > 0] and 2γ·s·[α^n > 0] (a clipped α makes its logit 0 for every s).
+    Returns (logit, slope) in units of γ, which callers fold into their own constants:
+      logit  u_ij / γ = -α^p·(s - Δ_p) on positives, v_ij / γ = α^n·(s - Δ_n) on negatives; masks
+             (bounds, labels, excluded keys) are the caller's;
+      slope  (d logit / d s) / γ: -α^p and α^n with α detached; otherwise -2(1 - s)·[α^p > 0] and
+             2s·[α^n > 0] (a clipped α makes its logit 0 for every s).
 
-    Both label kinds share one α, α = α^p or α^n, and one distance to the margin, Δ_p - s or s - Δ_n,
-    so that logit = γ·α·distance.
+    Both kinds are one formula in r, the similarity seen from the kind's optimum (r = s on negatives,
+    r = 1 - s on positives): α = relu(r + m) and the distance to the margin is r - m, since
+    α^p = relu(O_p - s) = relu((1 - s) + m), Δ_p - s = (1 - s) - m with O_p = 1 + m, Δ_p = 1 - m, and
+    α^n = relu(s - O_n) = relu(s + m), s - Δ_n = s - m with O_n = -m, Δ_n = m. dr/ds = ∓1.
     """
-    # α^p = relu(O_p - s) with O_p = 1 + m;  α^n = relu(s - O_n) with O_n = -m
-    alpha = tl.maximum(tl.where(is_pos, (1.0 + margin) - s, s + margin), 0.0)
-    # -(s - Δ_p) with Δ_p = 1 - m;  s - Δ_n with Δ_n = m
-    distance = tl.where(is_pos, (1.0 - margin) - s, s - margin)
-    logit2 = (gamma * 1.4426950408889634) * alpha * distance
+    r = tl.where(is_pos, 1.0 - s, s)
+    alpha = tl.maximum(r + margin, 0.0)
+    logit = alpha * (r - margin)
     if DETACH_ALPHA:
-        slope = tl.where(is_pos, -gamma, gamma) * alpha
-    else:  # d(γ·α·distance)/ds where α is not clipped: 2γ(s - 1) = -2γ(distance + m) on positives,
-        # 2γ·s = 2γ(distance + m) on negatives
-        slope = tl.where(alpha > 0.0, tl.where(is_pos, -2.0 * gamma, 2.0 * gamma) * (distance + margin), 0.0)
-    return logit2, slope
+        slope = tl.where(is_pos, -alpha, alpha)
+    else:  # d(relu(r + m)·(r - m))/dr = 2r where α is not clipped
+        slope = tl.where(alpha > 0.0, tl.where(is_pos, -2.0 * r, 2.0 * r), 0.0)
+    return logit, slope
 
 
 @triton.jit
