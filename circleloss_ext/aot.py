@@ -52,7 +52,8 @@ from .kernels.presets import AOT_SHARED_BYTES, PRESETS, arch_family, interpretin
 
 _RESOURCE = re.compile(r"\b(REG|STACK|SHARED|LOCAL):(\d+)")
 _SASS_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);")
-_BRANCH = re.compile(r"\bBRA\s+0x([0-9a-f]+)")
+_BRANCH = re.compile(r"@!?U?P\d\s+BRA\s+0x([0-9a-f]+)")  # conditional: loops (an unconditional jump
+# back is the return from an out-of-line retry of a barrier wait, not a loop)
 _HGMMA = re.compile(r"\bHGMMA\.(\d+)x(\d+)x(\d+)\.")
 _HMMA = re.compile(r"\bHMMA\.168(\d+)\.")  # HMMA.16816: m16 n8 k16; HMMA.1688: m16 n8 k8
 ANALYSIS_D = 512
@@ -114,7 +115,7 @@ def compile_launch(launch, arch: int, sass_dir: str = None) -> dict:
     """Compile one launch for sm_<arch> with its preset; returns its row of the report."""
     family = arch_family(arch // 10, AOT_SHARED_BYTES[arch])
     config = PRESETS[(family, operand_width(launch.dtype))][launch.kernel]
-    signature, constexprs, attrs = launch.compile_args(config)
+    signature, constexprs, attrs = launch.compile_args(config, tma=family == "sm90")
     compiled = triton.compile(ASTSource(launch.fn, signature, constexprs, attrs),
                               target=GPUTarget("cuda", arch, 32),
                               options={"num_warps": config.num_warps, "num_stages": config.num_stages})

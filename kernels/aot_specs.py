@@ -46,13 +46,24 @@ class Launch:
     types: dict
     constexprs: dict
 
-    def compile_args(self, config: LaunchConfig) -> tuple[dict, dict, dict]:
-        """(signature, constexprs, attrs) for triton.compiler.ASTSource, with config's block sizes."""
+    def compile_args(self, config: LaunchConfig, tma: bool) -> tuple[dict, dict, dict]:
+        """(signature, constexprs, attrs) for triton.compiler.ASTSource, with config's block sizes; tma:
+        tile kernels read their operands through tensor descriptors (tile.operand_loads: sm_90)."""
         names = self.fn.arg_names
+        constexprs = {**self.constexprs, **config.blocks}
         signature = {name: self.types.get(name, "constexpr") for name in names}
+        if "TMA" in names:
+            constexprs["TMA"] = tma
+            constexprs["EVEN_D"] = not tma  # pointers: D = 512 is a multiple of every BLOCK_D
+            for name, rows in (("q_desc", "BLOCK_B"), ("k_desc", "BLOCK_N")):
+                if tma:
+                    block = [config.blocks[rows], config.blocks["BLOCK_D"]]
+                    signature[name] = f"tensordesc<{self.types['q_ptr'][1:]}{block}>"
+                else:
+                    constexprs[name] = None
         attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(names)
                  if name in _MULTIPLES_OF_16 or signature[name].startswith("*")}
-        return signature, {**self.constexprs, **config.blocks}, attrs
+        return signature, constexprs, attrs
 
 
 def _launch(kernel, fn, dtype, variant, pointers, ones=(), **constexprs) -> Launch:
@@ -61,7 +72,7 @@ def _launch(kernel, fn, dtype, variant, pointers, ones=(), **constexprs) -> Laun
     ones = (_UNIT_STRIDES | set(ones)) & set(fn.arg_names)
     types = {}
     for p in fn.params:
-        if p.is_constexpr or p.name in ones:
+        if p.is_constexpr or p.name in ones or p.name.endswith("_desc"):  # descriptors: compile_args
             continue
         if p.name.endswith("_ptr"):
             types[p.name] = "*" + pointers.get(p.name, "fp32")
@@ -82,12 +93,12 @@ def launches(dtypes=tuple(OPERAND_TYPES)) -> list[Launch]:
         result.append(_launch("inv_norm", inv_norm_kernel, dtype, "", {"x_ptr": x}))
         for form, flags in _LABEL_FORMS.items():
             result.append(_launch("forward", circle_forward_kernel, dtype, form, circle,
-                                  DOT_PRECISION=precision, TRACK_TOP1=False, NEGATIVE_SUM=False, **flags))
+                                  DOT_PRECISION=precision, TRACK_TOP1=False, NEGATIVE_SUM=False, EDGE=False, **flags))
             for detach in (True, False):
                 variant = f"{form} {'detach' if detach else 'full'}-alpha"
                 result.append(_launch("grad_similarity", circle_grad_similarity_kernel, dtype, variant,
                                       {**circle, "h_ptr": x}, DETACH_ALPHA=detach, NEED_RADIAL=True,
-                                      LABEL_SMOOTHING=False,
+                                      LABEL_SMOOTHING=False, EDGE=False,
                                       DOT_PRECISION=precision, **flags))
         result.append(_launch("grad_queries", circle_grad_queries_kernel, dtype, "", {"h_ptr": x, "k_ptr": x},
                               DOT_PRECISION=precision))

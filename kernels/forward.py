@@ -20,8 +20,8 @@ import triton
 import triton.language as tl
 
 from .presets import target_programs, tile_config
-from .tile import (LN_2, LOG2_E, circle_epilogue, dot_tile, even_d, excluded_pairs, positive_pairs, problem_arguments,
-                   row_excluded_keys, row_labels)
+from .tile import (LN_2, LOG2_E, circle_epilogue, dot_tile, edge_ranges, excluded_pairs, keys_in_bounds, operand_loads,
+                   positive_pairs, problem_arguments, row_excluded_keys, row_labels)
 
 
 @triton.jit
@@ -50,16 +50,17 @@ def _gathered_positive(q_ptr, k_ptr, inv_norm_k_ptr, rows, q_label, inv_norm_q, 
 
 @triton.jit
 def circle_forward_kernel(
-    q_ptr, k_ptr, q_label_ptr, k_label_ptr, inv_norm_q_ptr, inv_norm_k_ptr, excluded_key_ptr,
+    q_ptr, k_ptr, q_desc, k_desc, q_label_ptr, k_label_ptr, inv_norm_q_ptr, inv_norm_k_ptr, excluded_key_ptr,
     lse_pos_ptr, lse_neg_ptr, top_ptr, negative_sum_ptr,
-    B, N, D, stride_qb, stride_qd, stride_kn, stride_kd, keys_per_split,
+    B, N, D, stride_qb, stride_qd, stride_kn, stride_kd, key_begin, key_end, keys_per_split,
     margin, gamma,
     CLASS_LEVEL: tl.constexpr, EXCLUDE_KEY: tl.constexpr, TRACK_TOP1: tl.constexpr, NEGATIVE_SUM: tl.constexpr,
-    BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    EDGE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
+    TMA: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     split = tl.program_id(1)
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
+    rows_start = tl.program_id(0).to(tl.int64) * BLOCK_B
+    rows = rows_start + tl.arange(0, BLOCK_B)
     inv_norm_q = tl.load(inv_norm_q_ptr + rows, mask=rows < B, other=0.0)
     max_pos = tl.full((BLOCK_B,), float("-inf"), tl.float32)
     max_neg = tl.full((BLOCK_B,), float("-inf"), tl.float32)
@@ -68,8 +69,8 @@ def circle_forward_kernel(
     top_pos = tl.full((BLOCK_B,), float("-inf"), tl.float32)
     top_neg = tl.full((BLOCK_B,), float("-inf"), tl.float32)
     negative_sum = tl.zeros((BLOCK_B,), tl.float32)
-    key_start = split.to(tl.int64) * keys_per_split
-    key_stop = tl.minimum(key_start + keys_per_split, N)
+    key_start = key_begin + split.to(tl.int64) * keys_per_split
+    key_stop = tl.minimum(key_start + keys_per_split, key_end)
     q_label = row_labels(q_label_ptr, rows, B, CLASS_LEVEL)
     if EXCLUDE_KEY:
         excluded_key = row_excluded_keys(excluded_key_ptr, rows, B)
@@ -77,35 +78,35 @@ def circle_forward_kernel(
     for n0 in range(key_start, key_stop, BLOCK_N):
         keys = n0 + tl.arange(0, BLOCK_N)
         # S tile: raw products on the tensor cores, normalised in the float32 accumulator
-        dots = dot_tile(q_ptr, k_ptr, rows, keys, B, N, D, stride_qb, stride_qd, stride_kn, stride_kd,
-                        BLOCK_B, BLOCK_N, BLOCK_D, EVEN_D, DOT_PRECISION)
+        dots = dot_tile(q_ptr, k_ptr, q_desc, k_desc, rows_start, n0, B, N, D, stride_qb, stride_qd, stride_kn,
+                        stride_kd, BLOCK_B, BLOCK_N, BLOCK_D, EVEN_D, TMA, DOT_PRECISION)
         inv_norm_k = tl.load(inv_norm_k_ptr + keys, mask=keys < N, other=0.0)
         s = dots * inv_norm_k[None, :] * inv_norm_q[:, None]
-        # masks: keys past N and the row's excluded key (i itself in-batch) are no pair
-        absent = (keys >= N)[None, :]
+        # masks: keys past N (only in the EDGE launch, the last partial tile) and the row's excluded key
+        present = keys_in_bounds(n0, N, BLOCK_N)[None, :] if EDGE else tl.full((1, BLOCK_N), True, tl.int1)
         if EXCLUDE_KEY:  # each row's own slot: i itself in-batch, or its slot in a memory
-            absent = absent | excluded_pairs(excluded_key, n0, BLOCK_N)
+            present = present & ~excluded_pairs(excluded_key, n0, BLOCK_N)
         if CLASS_LEVEL:
             # negatives only: the row's own class is the positive, gathered after the loop
             logit, _ = circle_epilogue(s, False, margin, True)
-            absent = absent | positive_pairs(q_label, k_label_ptr, keys, N, CLASS_LEVEL)
-            logit = tl.where(absent, float("-inf"), logit)
+            present = present & ~positive_pairs(q_label, k_label_ptr, n0, N, BLOCK_N, CLASS_LEVEL)
+            logit = tl.where(present, logit, float("-inf"))
             if TRACK_TOP1:
-                top_neg = tl.maximum(top_neg, tl.max(tl.where(absent, float("-inf"), s), axis=1))
+                top_neg = tl.maximum(top_neg, tl.max(tl.where(present, s, float("-inf")), axis=1))
             if NEGATIVE_SUM:
-                negative_sum += tl.sum(tl.where(absent, 0.0, logit), axis=1)
+                negative_sum += tl.sum(tl.where(present, logit, 0.0), axis=1)
             # online log-sum-exp in base 2: rescale the running sum to the new maximum, add this tile
             max_neg, sum_neg, shift = _rescale(max_neg, sum_neg, tl.max(logit, axis=1) * scale2)
             sum_neg += tl.sum(tl.exp2(tl.fma(logit, scale2, -shift[:, None])), axis=1)
         else:
-            is_pos = positive_pairs(q_label, k_label_ptr, keys, N, CLASS_LEVEL)
+            is_pos = positive_pairs(q_label, k_label_ptr, n0, N, BLOCK_N, CLASS_LEVEL)
             logit, _ = circle_epilogue(s, is_pos, margin, True)
-            logit = tl.where(absent, float("-inf"), logit)
+            logit = tl.where(present, logit, float("-inf"))
             if TRACK_TOP1:
-                top_pos = tl.maximum(top_pos, tl.max(tl.where(is_pos & ~absent, s, float("-inf")), axis=1))
-                top_neg = tl.maximum(top_neg, tl.max(tl.where(is_pos | absent, float("-inf"), s), axis=1))
+                top_pos = tl.maximum(top_pos, tl.max(tl.where(is_pos & present, s, float("-inf")), axis=1))
+                top_neg = tl.maximum(top_neg, tl.max(tl.where(~is_pos & present, s, float("-inf")), axis=1))
             if NEGATIVE_SUM:
-                negative_sum += tl.sum(tl.where(is_pos | absent, 0.0, logit), axis=1)
+                negative_sum += tl.sum(tl.where(~is_pos & present, logit, 0.0), axis=1)
             # online log-sum-exp for each kind: new maxima, then one exp2 per similarity against its own
             max_pos, sum_pos, shift_pos = _rescale(
                 max_pos, sum_pos, tl.max(tl.where(is_pos, logit, float("-inf")), axis=1) * scale2)
@@ -116,7 +117,7 @@ def circle_forward_kernel(
             sum_neg += tl.sum(tl.where(is_pos, 0.0, p), axis=1)
     lse_pos = max_pos + tl.log2(sum_pos)
     if CLASS_LEVEL:
-        if split == 0:
+        if (split == 0) & (key_begin == 0):  # the first program of the first launch
             s_pos, has_pos = _gathered_positive(q_ptr, k_ptr, inv_norm_k_ptr, rows, q_label, inv_norm_q, B, N, D,
                                                 stride_qb, stride_qd, stride_kn, stride_kd, BLOCK_B, BLOCK_D)
             logit_pos, _ = circle_epilogue(s_pos, True, margin, True)
@@ -128,9 +129,9 @@ def circle_forward_kernel(
     tl.store(lse_neg_ptr + out, (max_neg + tl.log2(sum_neg)) * LN_2, mask=rows < B)
     if NEGATIVE_SUM:  # (splits, B), in natural units: γ·Σ v/γ
         tl.store(negative_sum_ptr + out, negative_sum * gamma, mask=rows < B)
-    if TRACK_TOP1:  # top: (2, splits, B)
-        tl.store(top_ptr + out, top_pos, mask=rows < B)
-        tl.store(top_ptr + tl.num_programs(1).to(tl.int64) * B + out, top_neg, mask=rows < B)
+    if TRACK_TOP1:  # top: (splits, 2, B)
+        tl.store(top_ptr + split.to(tl.int64) * B + out, top_pos, mask=rows < B)
+        tl.store(top_ptr + split.to(tl.int64) * B + B + out, top_neg, mask=rows < B)
 
 
 def key_splits(num_keys: int, row_blocks: int, block_n: int, x: torch.Tensor) -> tuple[int, int]:
@@ -149,16 +150,25 @@ def circle_forward(queries, keys, query_labels, key_labels, inv_norm_q, inv_norm
     problem = problem_arguments(queries, keys, query_labels, key_labels, inv_norm_q, inv_norm_k, margin, gamma,
                                 excluded_keys)
     cfg = tile_config("forward", queries)
-    row_blocks = triton.cdiv(problem["B"], cfg.blocks["BLOCK_B"])
-    splits, keys_per_split = key_splits(problem["N"], row_blocks, cfg.blocks["BLOCK_N"], queries)
-    partial_pos = torch.empty(splits, problem["B"], device=queries.device, dtype=torch.float32)
+    B, N, block_n = problem["B"], problem["N"], cfg.blocks["BLOCK_N"]
+    row_blocks = triton.cdiv(B, cfg.blocks["BLOCK_B"])
+    launches = [(begin, end, edge, *key_splits(end - begin, row_blocks, block_n, queries))
+                for begin, end, edge in edge_ranges(N, block_n)]
+    splits = sum(launch[3] for launch in launches)
+    partial_pos = torch.empty(splits, B, device=queries.device, dtype=torch.float32)
     partial_neg = torch.empty_like(partial_pos)
-    top = torch.empty(2, splits if track_top1 else 0, problem["B"], device=queries.device, dtype=torch.float32)
-    partial_sum = torch.empty(splits if negative_sum else 0, problem["B"], device=queries.device, dtype=torch.float32)
-    circle_forward_kernel[(row_blocks, splits)](
-        **problem, lse_pos_ptr=partial_pos, lse_neg_ptr=partial_neg, top_ptr=top, negative_sum_ptr=partial_sum,
-        keys_per_split=keys_per_split, TRACK_TOP1=track_top1, NEGATIVE_SUM=negative_sum,
-        EVEN_D=even_d(problem["D"], cfg), **cfg.kwargs())
-    top = top.amax(dim=1) if track_top1 else top.new_empty(0)
+    top = torch.empty(splits if track_top1 else 0, 2, B, device=queries.device, dtype=torch.float32)
+    partial_sum = torch.empty(splits if negative_sum else 0, B, device=queries.device, dtype=torch.float32)
+    loads = operand_loads(queries, keys, cfg)
+    first = 0
+    for key_begin, key_end, edge, launch_splits, keys_per_split in launches:
+        outputs = slice(first, first + launch_splits)
+        circle_forward_kernel[(row_blocks, launch_splits)](
+            **problem, lse_pos_ptr=partial_pos[outputs], lse_neg_ptr=partial_neg[outputs], top_ptr=top[outputs],
+            negative_sum_ptr=partial_sum[outputs], key_begin=key_begin, key_end=key_end,
+            keys_per_split=keys_per_split, TRACK_TOP1=track_top1, NEGATIVE_SUM=negative_sum, EDGE=edge, **loads,
+            **cfg.kwargs())
+        first += launch_splits
+    top = top.amax(dim=0) if track_top1 else top.new_empty(0)
     return torch.logsumexp(partial_pos, dim=0), torch.logsumexp(partial_neg, dim=0), top, partial_sum.sum(dim=0) \
         if negative_sum else partial_sum.new_empty(0)

@@ -18,23 +18,26 @@ from the positive and c = c_n = ε/C onto every negative.
 import triton
 import triton.language as tl
 
-from .tile import LOG2_E, circle_epilogue, dot_tile, excluded_pairs, positive_pairs, row_excluded_keys, row_labels
+from .tile import (LOG2_E, circle_epilogue, dot_tile, excluded_pairs, keys_in_bounds, positive_pairs,
+                   row_excluded_keys, row_labels)
 
 
 @triton.jit
 def circle_grad_similarity_kernel(
-    q_ptr, k_ptr, q_label_ptr, k_label_ptr, inv_norm_q_ptr, inv_norm_k_ptr, excluded_key_ptr,
+    q_ptr, k_ptr, q_desc, k_desc, q_label_ptr, k_label_ptr, inv_norm_q_ptr, inv_norm_k_ptr, excluded_key_ptr,
     lse_pos_ptr, lse_neg_ptr, row_scale_ptr, grad_rows_ptr, grad_scale_ptr, h_ptr, radial_ptr,
-    B, N, D, stride_qb, stride_qd, stride_kn, stride_kd, key_start, chunk_len, h_stride, keys_per_split,
+    B, N, D, stride_qb, stride_qd, stride_kn, stride_kd, key_start, chunk_len, h_stride, local_begin, local_end,
+    keys_per_split,
     margin, gamma, smooth_pos, smooth_neg,
     CLASS_LEVEL: tl.constexpr, EXCLUDE_KEY: tl.constexpr, DETACH_ALPHA: tl.constexpr, NEED_RADIAL: tl.constexpr,
-    LABEL_SMOOTHING: tl.constexpr,
+    LABEL_SMOOTHING: tl.constexpr, EDGE: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    TMA: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     row_block = tl.program_id(0)
     split = tl.program_id(1)
-    rows = row_block.to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
+    rows_start = row_block.to(tl.int64) * BLOCK_B
+    rows = rows_start + tl.arange(0, BLOCK_B)
     row_ok = rows < B
     inv_norm_q = tl.load(inv_norm_q_ptr + rows, mask=row_ok, other=0.0)
     # the row's statistics in base 2; rows past B get +inf log-sum-exps, so their weights are 0
@@ -50,30 +53,31 @@ def circle_grad_similarity_kernel(
     if LABEL_SMOOTHING:  # the smoothed target's share, g_i·c_p or g_i·c_n, in the units of h_row
         smooth_row = tl.load(grad_rows_ptr + rows, mask=row_ok, other=0.0) * row_factor
     scale2 = gamma * LOG2_E  # logit units (γ) to base-2 logits
-    local_start = split.to(tl.int64) * keys_per_split
-    local_stop = tl.minimum(local_start + keys_per_split, chunk_len)
+    local_start = local_begin + split.to(tl.int64) * keys_per_split
+    local_stop = tl.minimum(local_start + keys_per_split, local_end)
     for j0 in range(local_start, local_stop, BLOCK_N):
         local = j0 + tl.arange(0, BLOCK_N)
         keys = key_start + local
         # S tile, recomputed: raw products on the tensor cores, normalised in the float32 accumulator
-        dots = dot_tile(q_ptr, k_ptr, rows, keys, B, N, D, stride_qb, stride_qd, stride_kn, stride_kd,
-                        BLOCK_B, BLOCK_N, BLOCK_D, EVEN_D, DOT_PRECISION)
+        dots = dot_tile(q_ptr, k_ptr, q_desc, k_desc, rows_start, key_start + j0, B, N, D, stride_qb, stride_qd,
+                        stride_kn, stride_kd, BLOCK_B, BLOCK_N, BLOCK_D, EVEN_D, TMA, DOT_PRECISION)
         inv_norm_k = tl.load(inv_norm_k_ptr + keys, mask=keys < N, other=0.0)
         s = dots * inv_norm_k[None, :] * inv_norm_q[:, None]
-        is_pos = positive_pairs(q_label, k_label_ptr, keys, N, CLASS_LEVEL)
+        is_pos = positive_pairs(q_label, k_label_ptr, key_start + j0, N, BLOCK_N, CLASS_LEVEL)
         logit, slope = circle_epilogue(s, is_pos, margin, DETACH_ALPHA)
         # G_ij / (γ·σ_i): the logit's softmax weight within LP_i or LN_i, times (d logit / d s) / γ
         weight = tl.exp2(tl.fma(logit, scale2, -tl.where(is_pos, lse_pos2[:, None], lse_neg2[:, None])))
-        absent = (keys >= N)[None, :]
+        # masks: keys past N (only in the EDGE launch, the last partial tile) and the row's excluded key
+        present = keys_in_bounds(key_start + j0, N, BLOCK_N)[None, :] if EDGE else tl.full((1, BLOCK_N), True, tl.int1)
         if EXCLUDE_KEY:
-            absent = absent | excluded_pairs(excluded_key, key_start + j0, BLOCK_N)
+            present = present & ~excluded_pairs(excluded_key, key_start + j0, BLOCK_N)
         if LABEL_SMOOTHING:  # G_ij = g_i·(σ_i·weight - c)·slope, c = c_p on the positive, c_n on negatives
             smooth = smooth_row[:, None] * tl.where(is_pos, smooth_pos, smooth_neg)
-            h = tl.where(absent, 0.0, (h_row[:, None] * weight - smooth) * slope) * inv_norm_k[None, :]
+            h = tl.where(present, (h_row[:, None] * weight - smooth) * slope, 0.0) * inv_norm_k[None, :]
         else:
-            h = tl.where(absent, 0.0, weight * slope) * h_row[:, None] * inv_norm_k[None, :]
+            h = tl.where(present, weight * slope, 0.0) * h_row[:, None] * inv_norm_k[None, :]
         h = h.to(h_ptr.dtype.element_ty)
-        in_chunk = (local < chunk_len)[None, :]
+        in_chunk = (local < chunk_len)[None, :] if EDGE else tl.full((1, BLOCK_N), True, tl.int1)
         tl.store(h_ptr + rows[:, None] * h_stride + local[None, :], h, mask=row_ok[:, None] & in_chunk)
         if NEED_RADIAL:  # c·σ_j's share from these rows, times ‖k_j‖: Σ_i H_ij (q_i · k_j)
             radial = tl.sum(h.to(tl.float32) * dots, axis=0)

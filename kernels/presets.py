@@ -98,6 +98,14 @@ def arch_family(major: int, shared_bytes_per_block: int) -> str:
     return "sm90" if major >= 9 and shared_bytes_per_block >= _SM90_SHARED_BYTES else "sm80"
 
 
+def tma_allowed(x: torch.Tensor) -> bool:
+    """Whether tile kernels may read x's operands through tensor descriptors: on sm_90-family devices (the
+    copy engine, TMA) and under the interpreter (which emulates them, so CPU tests run that path)."""
+    if interpreting():
+        return True
+    return _family(x) == "sm90"
+
+
 def operand_width(dtype: torch.dtype) -> str:
     return "32" if dtype == torch.float32 else "16"
 
@@ -105,10 +113,14 @@ def operand_width(dtype: torch.dtype) -> str:
 def tile_config(kernel: str, x: torch.Tensor) -> LaunchConfig:
     if interpreting():
         return _INTERPRETER[kernel]
+    return PRESETS[(_family(x), operand_width(x.dtype))][kernel]
+
+
+def _family(x: torch.Tensor) -> str:
     major, _ = torch.cuda.get_device_capability(x.device)
     properties = torch.cuda.get_device_properties(x.device)
     shared = getattr(properties, "shared_memory_per_block_optin", properties.shared_memory_per_block)
-    return PRESETS[(arch_family(major, shared), operand_width(x.dtype))][kernel]
+    return arch_family(major, shared)
 
 
 def target_programs(x: torch.Tensor) -> int:

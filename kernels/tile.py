@@ -7,8 +7,9 @@ log-sum-exps in base 2 and fold γ·log2 e into the one fused multiply-add befor
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
-from .presets import dot_precision
+from .presets import dot_precision, tma_allowed
 
 LOG2_E = tl.constexpr(1.4426950408889634)
 LN_2 = tl.constexpr(0.6931471805599453)
@@ -27,28 +28,40 @@ def matmul(a, b, acc, DOT_PRECISION: tl.constexpr):
 
 
 @triton.jit
-def dot_tile(q_ptr, k_ptr, rows, keys, B, N, D, stride_qb, stride_qd, stride_kn, stride_kd,
+def dot_tile(q_ptr, k_ptr, q_desc, k_desc, row0, key0, B, N, D, stride_qb, stride_qd, stride_kn, stride_kd,
              BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
-             DOT_PRECISION: tl.constexpr):
-    """q_i · k_j for a BLOCK_B × BLOCK_N tile of raw (unnormalised) rows, in float32.
+             TMA: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """q_i · k_j for the BLOCK_B × BLOCK_N tile of raw (unnormalised) rows i = row0 + [0, BLOCK_B) and
+    keys j = key0 + [0, BLOCK_N), in float32.
 
-    `rows` and `keys` are int64 indices. Rows ≥ B and keys ≥ N read rows i mod B and j mod N (in
-    bounds, no masks in the loop): the caller masks what they produce. EVEN_D: BLOCK_D divides D.
+    TMA: the operands come through tensor descriptors (q_desc, k_desc: blocks of BLOCK_B × BLOCK_D and
+    BLOCK_N × BLOCK_D), one bulk copy per operand and D chunk, with rows ≥ B, keys ≥ N and dims ≥ D read
+    as zeros. Otherwise through pointers: rows ≥ B and keys ≥ N read rows i mod B and j mod N (in
+    bounds, no masks in the loop); EVEN_D: BLOCK_D divides D, so the D loop needs no mask either.
+    Either way the caller masks what rows ≥ B and keys ≥ N produce.
     """
-    q_ptrs = q_ptr + (rows % B)[:, None] * stride_qb + tl.arange(0, BLOCK_D)[None, :] * stride_qd
-    k_ptrs = k_ptr + (keys % N)[:, None] * stride_kn + tl.arange(0, BLOCK_D)[None, :] * stride_kd
     acc = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
-    for d0 in range(0, D, BLOCK_D):
-        if EVEN_D:
-            q = tl.load(q_ptrs)
-            k = tl.load(k_ptrs)
-        else:
-            in_d = (d0 + tl.arange(0, BLOCK_D) < D)[None, :]
-            q = tl.load(q_ptrs, mask=in_d, other=0.0)
-            k = tl.load(k_ptrs, mask=in_d, other=0.0)
-        acc = matmul(q, tl.trans(k), acc, DOT_PRECISION)
-        q_ptrs += BLOCK_D * stride_qd
-        k_ptrs += BLOCK_D * stride_kd
+    if TMA:
+        for d0 in range(0, D, BLOCK_D):
+            q = q_desc.load([tl.cast(row0, tl.int32), d0])
+            k = k_desc.load([tl.cast(key0, tl.int32), d0])
+            acc = matmul(q, tl.trans(k), acc, DOT_PRECISION)
+    else:
+        rows = (row0 + tl.arange(0, BLOCK_B)) % B
+        keys = (key0 + tl.arange(0, BLOCK_N)) % N
+        q_ptrs = q_ptr + rows[:, None] * stride_qb + tl.arange(0, BLOCK_D)[None, :] * stride_qd
+        k_ptrs = k_ptr + keys[:, None] * stride_kn + tl.arange(0, BLOCK_D)[None, :] * stride_kd
+        for d0 in range(0, D, BLOCK_D):
+            if EVEN_D:
+                q = tl.load(q_ptrs)
+                k = tl.load(k_ptrs)
+            else:
+                in_d = (d0 + tl.arange(0, BLOCK_D) < D)[None, :]
+                q = tl.load(q_ptrs, mask=in_d, other=0.0)
+                k = tl.load(k_ptrs, mask=in_d, other=0.0)
+            acc = matmul(q, tl.trans(k), acc, DOT_PRECISION)
+            q_ptrs += BLOCK_D * stride_qd
+            k_ptrs += BLOCK_D * stride_kd
     return acc
 
 
@@ -94,12 +107,19 @@ def row_excluded_keys(excluded_key_ptr, rows, B):
 
 
 @triton.jit
-def positive_pairs(q_label, k_label_ptr, keys, N, CLASS_LEVEL: tl.constexpr):
-    """The tile of b_j == a_i (b_j = j for class-level keys, the rows of W)."""
+def keys_in_bounds(first_key, N, BLOCK_N: tl.constexpr):
+    """The tile's columns j = first_key + [0, BLOCK_N) with j < N, compared as int32 offsets."""
+    return tl.arange(0, BLOCK_N) < tl.minimum(N - first_key, BLOCK_N).to(tl.int32)
+
+
+@triton.jit
+def positive_pairs(q_label, k_label_ptr, first_key, N, BLOCK_N: tl.constexpr, CLASS_LEVEL: tl.constexpr):
+    """The tile of b_j == a_i for keys j = first_key + [0, BLOCK_N) (b_j = j for class-level keys, the
+    rows of W: compared as int32 offsets from first_key)."""
     if CLASS_LEVEL:
-        k_label = keys.to(tl.int32)
-    else:
-        k_label = tl.load(k_label_ptr + keys, mask=keys < N, other=-1)
+        return (q_label - first_key).to(tl.int32)[:, None] == tl.arange(0, BLOCK_N)[None, :]
+    keys = first_key + tl.arange(0, BLOCK_N)
+    k_label = tl.load(k_label_ptr + keys, mask=keys < N, other=-1)
     return q_label[:, None] == k_label[None, :]
 
 
@@ -130,6 +150,27 @@ def problem_arguments(queries: torch.Tensor, keys: torch.Tensor, query_labels: t
     )
 
 
-def even_d(D: int, config) -> bool:
-    """EVEN_D of a tile kernel: its BLOCK_D divides D, so the D loop needs no mask."""
-    return D % config.blocks["BLOCK_D"] == 0
+def edge_ranges(length: int, block_n: int) -> list[tuple[int, int, bool]]:
+    """[(begin, end, EDGE)]: the whole tiles of [0, length), launched without bounds masks (EDGE False),
+    then the last partial tile, launched on its own with them (EDGE True); empty ranges left out."""
+    full = length // block_n * block_n
+    return [(begin, end, edge) for begin, end, edge in ((0, full, False), (full, length, True)) if end > begin]
+
+
+def operand_loads(queries: torch.Tensor, keys: torch.Tensor, config) -> dict:
+    """How a tile kernel reads its operands (dot_tile): the keyword arguments q_desc, k_desc, TMA and EVEN_D.
+
+    Tensor descriptors (TMA) where the presets allow them (tma_allowed: sm_90 and the interpreter) and
+    both operands meet the copy engine's rules: 16-byte aligned base and row stride, unit stride along D.
+    Otherwise pointers, with EVEN_D when BLOCK_D divides D."""
+    blocks = config.blocks
+    use_tma = tma_allowed(queries) and all(
+        x.shape[0] > 0 and x.stride(1) == 1 and x.data_ptr() % 16 == 0 and x.stride(0) * x.element_size() % 16 == 0
+        for x in (queries, keys))
+    if not use_tma:
+        return dict(q_desc=None, k_desc=None, TMA=False, EVEN_D=queries.shape[1] % blocks["BLOCK_D"] == 0)
+    return dict(q_desc=TensorDescriptor(queries, list(queries.shape), list(queries.stride()),
+                                        [blocks["BLOCK_B"], blocks["BLOCK_D"]]),
+                k_desc=TensorDescriptor(keys, list(keys.shape), list(keys.stride()),
+                                        [blocks["BLOCK_N"], blocks["BLOCK_D"]]),
+                TMA=True, EVEN_D=False)
