@@ -32,8 +32,11 @@ D = 512 (the face-training width; ANALYSIS_D):
                 null where there are no products.
   sync_waits    synchronous waits for all outstanding wgmma (`WARPGROUP.DEPBAR.LE gsb0, 0x0`) inside
                 an inner loop: each one stalls the warpgroup until its products are done.
-Estimates from the static code: software pipelining peels some iterations out of a loop, and branches
-inside the tile (edge masks) count both ways, so the counts are a little high.
+Loops are the backward branches, except the jump back from an out-of-line retry of a TMA barrier
+wait (a one-instruction spin loop, then an unconditional branch to the code it left), which is not a
+loop around that code. Estimates from the static code: software pipelining peels some iterations out
+of a loop, and branches inside the tile count both ways, so the counts are a little high; the
+launches counted are the whole-tile ones (EDGE False), whose epilogues carry no bounds masks.
 """
 import argparse
 import json
@@ -52,8 +55,7 @@ from .kernels.presets import AOT_SHARED_BYTES, PRESETS, arch_family, interpretin
 
 _RESOURCE = re.compile(r"\b(REG|STACK|SHARED|LOCAL):(\d+)")
 _SASS_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);")
-_BRANCH = re.compile(r"@!?U?P\d\s+BRA\s+0x([0-9a-f]+)")  # conditional: loops (an unconditional jump
-# back is the return from an out-of-line retry of a barrier wait, not a loop)
+_BRANCH = re.compile(r"\bBRA\s+0x([0-9a-f]+)")
 _HGMMA = re.compile(r"\bHGMMA\.(\d+)x(\d+)x(\d+)\.")
 _HMMA = re.compile(r"\bHMMA\.168(\d+)\.")  # HMMA.16816: m16 n8 k16; HMMA.1688: m16 n8 k8
 ANALYSIS_D = 512
@@ -87,12 +89,27 @@ def _mma_flops(instruction: str, warps: int) -> int:
     return 0
 
 
+def _loops(code: list) -> list:
+    """(first, last) address of every loop of (address, instruction) code: each backward branch."""
+    loops = []
+    for (_, before), (address, text) in zip([(None, "")] + code, code):
+        target = _BRANCH.search(text)
+        if not target or int(target.group(1), 16) >= address:
+            continue
+        # an out-of-line retry of a barrier wait (a spin loop on its own branch, then an unconditional
+        # jump back into the code it left) is not a loop around that code
+        spin = _BRANCH.search(before)
+        if not text.startswith("@") and spin and address - 0x40 <= int(spin.group(1), 16) < address:
+            continue
+        loops.append((int(target.group(1), 16), address))
+    return loops
+
+
 def tile_counts(sass: str, warps: int, block_d: int) -> dict:
     """{"instructions", "mma_flops", "sync_waits"} of one iteration of the outermost loop at D = ANALYSIS_D
     (inner loops counted ceil(D / BLOCK_D) times); zeros when the kernel has no loop."""
     code = [(int(address, 16), text.strip()) for address, text in _SASS_LINE.findall(sass)]
-    loops = [(int(target.group(1), 16), address) for address, text in code
-             if (target := _BRANCH.search(text)) and int(target.group(1), 16) < address]
+    loops = _loops(code)
     if not loops:
         return {"instructions": 0, "mma_flops": 0, "sync_waits": 0}
     outer = max(loops, key=lambda loop: loop[1] - loop[0])

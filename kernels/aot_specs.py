@@ -55,9 +55,11 @@ class Launch:
         if "TMA" in names:
             constexprs["TMA"] = tma
             constexprs["EVEN_D"] = not tma  # pointers: D = 512 is a multiple of every BLOCK_D
-            for name, rows in (("q_desc", "BLOCK_B"), ("k_desc", "BLOCK_N")):
+            blocks = {"q_desc": ("BLOCK_B", "BLOCK_D"), "k_desc": ("BLOCK_N", "BLOCK_D"),
+                      "h_desc": ("BLOCK_B", "BLOCK_N")}
+            for name in set(blocks) & set(names):
                 if tma:
-                    block = [config.blocks[rows], config.blocks["BLOCK_D"]]
+                    block = [config.blocks[size] for size in blocks[name]]
                     signature[name] = f"tensordesc<{self.types['q_ptr'][1:]}{block}>"
                 else:
                     constexprs[name] = None
@@ -92,7 +94,7 @@ def launches(dtypes=tuple(OPERAND_TYPES)) -> list[Launch]:
         precision = dot_precision(dtype)
         result.append(_launch("inv_norm", inv_norm_kernel, dtype, "", {"x_ptr": x}))
         for form, flags in _LABEL_FORMS.items():
-            result.append(_launch("forward", circle_forward_kernel, dtype, form, circle,
+            result.append(_launch("forward" if flags["CLASS_LEVEL"] else "forward_pairwise", circle_forward_kernel, dtype, form, circle,
                                   DOT_PRECISION=precision, TRACK_TOP1=False, NEGATIVE_SUM=False, EDGE=False, **flags))
             for detach in (True, False):
                 variant = f"{form} {'detach' if detach else 'full'}-alpha"

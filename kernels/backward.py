@@ -19,7 +19,7 @@ from .grad_keys import circle_grad_keys_kernel
 from .grad_queries import circle_grad_queries_kernel
 from .grad_similarity import circle_grad_similarity_kernel
 from .presets import dot_precision, tile_config
-from .tile import edge_ranges, operand_loads, problem_arguments
+from .tile import edge_ranges, operand_loads, problem_arguments, workspace_descriptor
 
 DEFAULT_WORKSPACE_BYTES = 1 << 30
 _workspace_bytes = DEFAULT_WORKSPACE_BYTES
@@ -94,6 +94,7 @@ def circle_backward(grad_rows, queries, keys, query_labels, key_labels, inv_norm
         max_splits, _ = key_splits(min(chunk, N), q_tiles, queries_cfg.blocks["BLOCK_N"], queries)
         partials = torch.empty(max_splits, B, D, device=device, dtype=torch.float32)
     similarity_loads = operand_loads(queries, keys, similarity_cfg)
+    h_desc = workspace_descriptor(h, similarity_cfg) if similarity_loads["TMA"] else None
     block_n = similarity_cfg.blocks["BLOCK_N"]
     for key_start in range(0, N, chunk):
         chunk_len = min(chunk, N - key_start)
@@ -102,7 +103,7 @@ def circle_backward(grad_rows, queries, keys, query_labels, key_labels, inv_norm
             splits, keys_per_split = key_splits(local_end - local_begin, row_blocks, block_n, queries)
             circle_grad_similarity_kernel[(row_blocks, splits)](
                 **problem, lse_pos_ptr=lse_pos, lse_neg_ptr=lse_neg, row_scale_ptr=row_scale,
-                grad_rows_ptr=grad_rows, grad_scale_ptr=grad_scale, h_ptr=h, radial_ptr=radial, **span,
+                grad_rows_ptr=grad_rows, grad_scale_ptr=grad_scale, h_ptr=h, h_desc=h_desc, radial_ptr=radial, **span,
                 local_begin=local_begin, local_end=local_end, keys_per_split=keys_per_split,
                 smooth_pos=smooth_pos, smooth_neg=smooth_neg, DETACH_ALPHA=detach_alpha, NEED_RADIAL=need_keys,
                 LABEL_SMOOTHING=smoothing, EDGE=edge, **similarity_loads, **similarity_cfg.kwargs())

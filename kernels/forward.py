@@ -11,6 +11,9 @@ Class-level keys (the rows of W) have one positive per row, its class: the tiles
 O(B·D), in the programs of split 0. Pair-wise tiles hold both kinds and still take one exp2 per
 similarity, against the running maximum of the kind it belongs to.
 
+The launcher runs the whole tiles of keys in one launch and the last partial tile in a second (EDGE:
+the only one whose epilogue masks keys past N); both write their own partials.
+
 With TRACK_TOP1 the kernel also keeps each row's largest positive and largest negative similarity
 (the nearest key of each kind, for top-1 accuracy): one select and one max per similarity more.
 With NEGATIVE_SUM it keeps V_i, the sum of each row's negative logits, which label smoothing needs.
@@ -149,7 +152,7 @@ def circle_forward(queries, keys, query_labels, key_labels, inv_norm_q, inv_norm
     if none); with negative_sum, V (B,) the sum of each row's negative logits; each empty otherwise."""
     problem = problem_arguments(queries, keys, query_labels, key_labels, inv_norm_q, inv_norm_k, margin, gamma,
                                 excluded_keys)
-    cfg = tile_config("forward", queries)
+    cfg = tile_config("forward" if key_labels is None else "forward_pairwise", queries)
     B, N, block_n = problem["B"], problem["N"], cfg.blocks["BLOCK_N"]
     row_blocks = triton.cdiv(B, cfg.blocks["BLOCK_B"])
     launches = [(begin, end, edge, *key_splits(end - begin, row_blocks, block_n, queries))

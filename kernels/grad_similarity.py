@@ -11,6 +11,8 @@ where c is a power of two that keeps fp16 workspaces in range (1 for bf16 and fp
 matrix products of backward take raw operands: H · K = c·G · K̂ / ‖q_i‖ and Hᵀ · Q = c·Gᵀ · Q̂ / ‖k_j‖.
 The radial sums c·σ_j = c·Σ_i G_ij s_ij are summed from H as stored (rounded to the workspace dtype),
 so that grad_keys removes exactly the radial part of the Hᵀ · Q it computes.
+With TMA the operands come through tensor descriptors and H leaves through one (h_desc); the chunk's
+last partial tile runs in a launch of its own (EDGE), the only one that masks keys past N.
 Every element of both outputs has one writer: no atomics, the same bits on every run.
 With LABEL_SMOOTHING, G_ij = g_i·(σ_i·weight − c)·slope: the smoothed target moves c = c_p = ε(1 − 1/C)
 from the positive and c = c_n = ε/C onto every negative.
@@ -25,7 +27,7 @@ from .tile import (LOG2_E, circle_epilogue, dot_tile, excluded_pairs, keys_in_bo
 @triton.jit
 def circle_grad_similarity_kernel(
     q_ptr, k_ptr, q_desc, k_desc, q_label_ptr, k_label_ptr, inv_norm_q_ptr, inv_norm_k_ptr, excluded_key_ptr,
-    lse_pos_ptr, lse_neg_ptr, row_scale_ptr, grad_rows_ptr, grad_scale_ptr, h_ptr, radial_ptr,
+    lse_pos_ptr, lse_neg_ptr, row_scale_ptr, grad_rows_ptr, grad_scale_ptr, h_ptr, h_desc, radial_ptr,
     B, N, D, stride_qb, stride_qd, stride_kn, stride_kd, key_start, chunk_len, h_stride, local_begin, local_end,
     keys_per_split,
     margin, gamma, smooth_pos, smooth_neg,
@@ -77,8 +79,11 @@ def circle_grad_similarity_kernel(
         else:
             h = tl.where(present, weight * slope, 0.0) * h_row[:, None] * inv_norm_k[None, :]
         h = h.to(h_ptr.dtype.element_ty)
-        in_chunk = (local < chunk_len)[None, :] if EDGE else tl.full((1, BLOCK_N), True, tl.int1)
-        tl.store(h_ptr + rows[:, None] * h_stride + local[None, :], h, mask=row_ok[:, None] & in_chunk)
+        if TMA:  # one bulk copy; rows ≥ B are clipped, columns past the chunk (zeros) land in its padding
+            h_desc.store([tl.cast(rows_start, tl.int32), tl.cast(j0, tl.int32)], h)
+        else:
+            in_chunk = (local < chunk_len)[None, :] if EDGE else tl.full((1, BLOCK_N), True, tl.int1)
+            tl.store(h_ptr + rows[:, None] * h_stride + local[None, :], h, mask=row_ok[:, None] & in_chunk)
         if NEED_RADIAL:  # c·σ_j's share from these rows, times ‖k_j‖: Σ_i H_ij (q_i · k_j)
             radial = tl.sum(h.to(tl.float32) * dots, axis=0)
             tl.store(radial_ptr + row_block * h_stride + local, radial, mask=local < chunk_len)

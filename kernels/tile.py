@@ -174,3 +174,9 @@ def operand_loads(queries: torch.Tensor, keys: torch.Tensor, config) -> dict:
                 k_desc=TensorDescriptor(keys, list(keys.shape), list(keys.stride()),
                                         [blocks["BLOCK_N"], blocks["BLOCK_D"]]),
                 TMA=True, EVEN_D=False)
+
+
+def workspace_descriptor(h: torch.Tensor, config) -> TensorDescriptor:
+    """The tensor descriptor grad_similarity stores its BLOCK_B × BLOCK_N tiles of H through (TMA): the
+    workspace is B × chunk with chunk a multiple of every BLOCK_N, so its rows are 16-byte aligned."""
+    return TensorDescriptor(h, list(h.shape), list(h.stride()), [config.blocks["BLOCK_B"], config.blocks["BLOCK_N"]])

@@ -285,13 +285,15 @@ def test_preset_families():
         arch_family(7, 96 * 1024)
 
 
+@pytest.mark.parametrize("D", [70, 72])  # rows of 140 / 144 bytes in bf16: pointers / tensor descriptors
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_sm90_presets_under_the_interpreter(dtype, monkeypatch):
-    """The interpreter runs the H100 tiles (128 × 128 × 64 in 16 bits) on a case that crosses their row,
-    key and D boundaries, so their masking is checked without a GPU."""
+def test_sm90_presets_under_the_interpreter(dtype, D, monkeypatch):
+    """The interpreter runs the H100 tiles (64 × 256 × 64 and 64 × 128 × 64 in 16 bits) on a case that
+    crosses their row, key and D boundaries, through both operand paths, so their masking is checked
+    without a GPU."""
     from circleloss_ext.kernels import presets
     monkeypatch.setattr(presets, "_INTERPRETER", presets.PRESETS[("sm90", presets.operand_width(dtype))])
-    emb, weight, labels, _ = make_inputs(130, 261, 70, dtype=dtype, device="cpu")
+    emb, weight, labels, _ = make_inputs(130, 261, D, dtype=dtype, device="cpu")
     check_against_reference(cl.circle_loss, (emb, weight, labels), "triton", dtype=dtype, reduction="sum",
                             detach_alpha=False)
     check_against_reference(cl.pairwise_circle_loss, (emb, labels % 5), "triton", dtype=dtype)
