@@ -60,7 +60,7 @@ _HGMMA = re.compile(r"\bHGMMA\.(\d+)x(\d+)x(\d+)\.")
 _HMMA = re.compile(r"\bHMMA\.168(\d+)\.")  # HMMA.16816: m16 n8 k16; HMMA.1688: m16 n8 k8
 ANALYSIS_D = 512
 _TENSOR_FLOPS_PER_CYCLE = {"16": 4096, "32": 2048}
-_COLUMNS = (("kernel", 27), ("variant", 40), ("arch", 5), ("config", 25), ("registers", 9),
+_COLUMNS = (("kernel", 27), ("variant", 40), ("arch", 5), ("config", 40), ("registers", 9),
             ("spill_bytes", 11), ("shared_bytes", 12), ("wgmma", 5), ("issue_to_mma", 12), ("sync_waits", 10))
 
 

@@ -26,7 +26,8 @@ from .row_norm import inv_norm_kernel
 OPERAND_TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 _FLOAT_SCALARS = {"margin", "gamma", "eps", "smooth_pos", "smooth_neg"}
 _UNIT_STRIDES = {"stride_qd", "stride_kd", "stride_d"}
-_MULTIPLES_OF_16 = {"D", "stride_qb", "stride_kn", "stride_r", "keys_per_split", "key_start", "h_stride"}
+_MULTIPLES_OF_16 = {"D", "stride_qb", "stride_kn", "stride_r", "keys_per_split", "key_start", "h_stride",
+                    "rows_per_split"}
 # Label forms: class-level keys (rows of W), pair-wise against a reference set, pair-wise within the batch.
 _LABEL_FORMS = {
     "class-level": {"CLASS_LEVEL": True, "EXCLUDE_KEY": False},

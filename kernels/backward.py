@@ -18,7 +18,7 @@ from .forward import key_splits
 from .grad_keys import circle_grad_keys_kernel
 from .grad_queries import circle_grad_queries_kernel
 from .grad_similarity import circle_grad_similarity_kernel
-from .presets import dot_precision, tile_config
+from .presets import dot_precision, target_programs, tile_config
 from .tile import edge_ranges, operand_loads, problem_arguments, workspace_descriptor
 
 DEFAULT_WORKSPACE_BYTES = 1 << 30
@@ -94,19 +94,26 @@ def circle_backward(grad_rows, queries, keys, query_labels, key_labels, inv_norm
         max_splits, _ = key_splits(min(chunk, N), q_tiles, queries_cfg.blocks["BLOCK_N"], queries)
         partials = torch.empty(max_splits, B, D, device=device, dtype=torch.float32)
     similarity_loads = operand_loads(queries, keys, similarity_cfg)
+    # grad_similarity splits the rows as far as it takes N's key tiles to fill the device: one split for
+    # the whole call, whatever the chunk, so the radial sums (and so the key gradients) are the same
+    # bits at any workspace limit; every column of the radial partials has a writer in [0, row_splits)
+    row_splits = max(1, min(row_blocks, triton.cdiv(target_programs(queries),
+                                                    triton.cdiv(N, similarity_cfg.blocks["BLOCK_N"]))))
+    rows_per_split = triton.cdiv(row_blocks, row_splits) * similarity_cfg.blocks["BLOCK_B"]
+    row_splits = triton.cdiv(B, rows_per_split)
     h_desc = workspace_descriptor(h, similarity_cfg) if similarity_loads["TMA"] else None
     block_n = similarity_cfg.blocks["BLOCK_N"]
     for key_start in range(0, N, chunk):
         chunk_len = min(chunk, N - key_start)
         span = dict(key_start=key_start, chunk_len=chunk_len, h_stride=chunk)
         for local_begin, local_end, edge in edge_ranges(chunk_len, block_n):
-            splits, keys_per_split = key_splits(local_end - local_begin, row_blocks, block_n, queries)
-            circle_grad_similarity_kernel[(row_blocks, splits)](
+            circle_grad_similarity_kernel[(triton.cdiv(local_end - local_begin, block_n), row_splits)](
                 **problem, lse_pos_ptr=lse_pos, lse_neg_ptr=lse_neg, row_scale_ptr=row_scale,
-                grad_rows_ptr=grad_rows, grad_scale_ptr=grad_scale, h_ptr=h, h_desc=h_desc, radial_ptr=radial, **span,
-                local_begin=local_begin, local_end=local_end, keys_per_split=keys_per_split,
-                smooth_pos=smooth_pos, smooth_neg=smooth_neg, DETACH_ALPHA=detach_alpha, NEED_RADIAL=need_keys,
-                LABEL_SMOOTHING=smoothing, EDGE=edge, **similarity_loads, **similarity_cfg.kwargs())
+                grad_rows_ptr=grad_rows, grad_scale_ptr=grad_scale, h_ptr=h, h_desc=h_desc, radial_ptr=radial,
+                **span,
+                local_begin=local_begin, rows_per_split=rows_per_split, smooth_pos=smooth_pos,
+                smooth_neg=smooth_neg, DETACH_ALPHA=detach_alpha, NEED_RADIAL=need_keys, LABEL_SMOOTHING=smoothing,
+                EDGE=edge, **similarity_loads, **similarity_cfg.kwargs())
         if need_queries:
             splits, keys_per_split = key_splits(chunk_len, q_tiles, queries_cfg.blocks["BLOCK_N"], queries)
             partial = partials[:splits]
@@ -119,7 +126,7 @@ def circle_backward(grad_rows, queries, keys, query_labels, key_labels, inv_norm
             raw_q += partial.sum(dim=0)
         if need_keys:
             chunk_norms = inv_norm_k[key_start:key_start + chunk_len]
-            radial_coef = radial[:, :chunk_len].sum(dim=0) * chunk_norms * chunk_norms  # ‖k_j‖⁻² ρ_j
+            radial_coef = radial[:row_splits, :chunk_len].sum(dim=0) * chunk_norms * chunk_norms  # ‖k_j‖⁻² ρ_j
             grid = (triton.cdiv(chunk_len, keys_cfg.blocks["BLOCK_N"]), triton.cdiv(D, keys_cfg.blocks["BLOCK_D"]))
             circle_grad_keys_kernel[grid](
                 h_ptr=h, q_ptr=queries, k_ptr=keys, radial_coef_ptr=radial_coef, grad_scale_ptr=grad_scale,

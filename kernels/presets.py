@@ -1,7 +1,8 @@
-"""Launch configurations, one preset per architecture family, chosen offline.
+"""Launch configurations, one preset per architecture family and operand width.
 
 `python -m circleloss_ext.aot` compiles every entry here for sm_80 and sm_90 and reports registers,
-spills and shared memory; the GPU presets are the largest tiles that compile there without spilling.
+spills, shared memory and instruction issue per tensor-core cycle; each family's comment says whether
+its presets were measured on a GPU (benchmarks/tune_presets.py) or chosen from those figures.
 The interpreter preset uses small tiles so that CPU tests cross tile, chunk and split boundaries.
 """
 import os
@@ -12,7 +13,7 @@ import torch
 
 @dataclass(frozen=True)
 class LaunchConfig:
-    blocks: dict
+    blocks: dict  # tile sizes (BLOCK_*) and the kernel's other tuning constexprs
     num_warps: int = 4
     num_stages: int = 2
 
@@ -20,12 +21,12 @@ class LaunchConfig:
         return {**self.blocks, "num_warps": self.num_warps, "num_stages": self.num_stages}
 
     def label(self) -> str:
-        sizes = " ".join(f"{k.removeprefix('BLOCK_')}={v}" for k, v in self.blocks.items())
+        sizes = " ".join(f"{k.removeprefix('BLOCK_')}={int(v)}" for k, v in self.blocks.items())
         return f"{sizes} w={self.num_warps} s={self.num_stages}"
 
 
-def _tiles(b, n, d, warps, stages):
-    return LaunchConfig({"BLOCK_B": b, "BLOCK_N": n, "BLOCK_D": d}, warps, stages)
+def _tiles(b, n, d, warps, stages, **constexprs):
+    return LaunchConfig({"BLOCK_B": b, "BLOCK_N": n, "BLOCK_D": d, **constexprs}, warps, stages)
 
 
 _ELEMENTWISE = {
@@ -39,10 +40,11 @@ _ELEMENTWISE = {
 # outputs, BLOCK_B rows a step).
 PRESETS = {
     ("sm90", "16"): {  # measured on an H200: benchmarks/tune_presets.py, results/nvidia-h200_*-tune_presets.txt,
-        # except "forward" (class-level), chosen offline for the TMA kernels (aot: issue_to_mma 0.59, no spill)
+        # except "forward" (class-level) and "grad_similarity", chosen offline for the TMA kernels (aot:
+        # issue_to_mma 0.59 and 1.23 to 1.67, no spills; two blocks of grad_similarity fit an SM)
         "forward": _tiles(64, 256, 64, 4, 4),
         "forward_pairwise": _tiles(64, 128, 64, 4, 3),
-        "grad_similarity": _tiles(64, 128, 64, 4, 3),
+        "grad_similarity": _tiles(64, 64, 128, 4, 3, RADIAL_TILE=True),
         "grad_queries": _tiles(128, 64, 256, 8, 3),
         "grad_keys": _tiles(64, 128, 256, 8, 3),
         **_ELEMENTWISE,
@@ -50,7 +52,7 @@ PRESETS = {
     ("sm90", "32"): {  # 3xTF32 holds high and low operand halves in registers: smaller tiles than 16-bit
         "forward": _tiles(128, 64, 32, 8, 3),
         "forward_pairwise": _tiles(128, 64, 32, 8, 3),
-        "grad_similarity": _tiles(64, 64, 32, 4, 3),
+        "grad_similarity": _tiles(64, 64, 32, 4, 3, RADIAL_TILE=True),
         "grad_queries": _tiles(64, 32, 64, 4, 3),
         "grad_keys": _tiles(32, 64, 64, 4, 3),
         **_ELEMENTWISE,
@@ -58,7 +60,7 @@ PRESETS = {
     ("sm80", "16"): {
         "forward": _tiles(128, 128, 32, 8, 3),
         "forward_pairwise": _tiles(128, 128, 32, 8, 3),
-        "grad_similarity": _tiles(128, 64, 32, 8, 3),
+        "grad_similarity": _tiles(128, 64, 64, 8, 2, RADIAL_TILE=False),
         "grad_queries": _tiles(128, 32, 128, 8, 3),
         "grad_keys": _tiles(32, 128, 128, 8, 3),
         **_ELEMENTWISE,
@@ -66,7 +68,7 @@ PRESETS = {
     ("sm80", "32"): {
         "forward": _tiles(128, 64, 32, 8, 3),
         "forward_pairwise": _tiles(128, 64, 32, 8, 3),
-        "grad_similarity": _tiles(64, 32, 16, 4, 3),
+        "grad_similarity": _tiles(32, 64, 16, 4, 3, RADIAL_TILE=False),
         "grad_queries": _tiles(64, 16, 64, 4, 3),
         "grad_keys": _tiles(16, 64, 64, 4, 3),
         **_ELEMENTWISE,
@@ -75,7 +77,7 @@ PRESETS = {
 _INTERPRETER = {
     "forward": _tiles(16, 32, 16, 4, 1),
     "forward_pairwise": _tiles(16, 32, 16, 4, 1),
-    "grad_similarity": _tiles(16, 32, 16, 4, 1),
+    "grad_similarity": _tiles(16, 32, 16, 4, 1, RADIAL_TILE=False),
     "grad_queries": _tiles(16, 32, 16, 4, 1),
     "grad_keys": _tiles(16, 32, 16, 4, 1),
     "inv_norm": LaunchConfig({"BLOCK_R": 16, "BLOCK_D": 16}, 4, 1),

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import circleloss_ext as cl
-from helpers import check_against_reference, make_inputs
+from helpers import check_against_reference, make_inputs, run
 
 
 @pytest.fixture
@@ -27,6 +27,25 @@ def test_backward_in_several_chunks(form, small_workspace):
         def against(e, y, r, ry, **kw):
             return cl.pairwise_circle_loss(e, y, ref_embeddings=r, ref_labels=ry, **kw)
         check_against_reference(against, (emb, labels, keys, key_labels), "triton")
+
+
+@pytest.mark.parametrize("radial_tile", [False, True])
+@pytest.mark.parametrize("N", [70, 130])  # two and one row splits of grad_similarity under the interpreter
+def test_key_gradients_are_the_same_bits_at_any_cap(N, radial_tile, small_workspace, monkeypatch):
+    """Chunks start on tile boundaries and grad_similarity splits rows by the whole problem, never by
+    the chunk: the key gradients of one chunk and of chunks of one tile are the same bits (both ways
+    of keeping the radial sums; a split count that followed the chunk regroups their float32 sums)."""
+    from circleloss_ext.kernels import presets
+    config = presets._INTERPRETER["grad_similarity"]
+    monkeypatch.setitem(presets._INTERPRETER, "grad_similarity",
+                        presets.LaunchConfig({**config.blocks, "RADIAL_TILE": radial_tile}, config.num_warps,
+                                             config.num_stages))
+    emb, keys, labels, _ = make_inputs(37, N, 24)
+    whole = run(cl.circle_loss, (emb, keys, labels), backend="triton")
+    cl.set_workspace_limit(37 * 32 * 4)  # 32 keys of H per chunk, the last one partial
+    chunked = run(cl.circle_loss, (emb, keys, labels), backend="triton")
+    assert torch.equal(whole[0], chunked[0]) and torch.equal(whole[1][1], chunked[1][1])
+    torch.testing.assert_close(chunked[1][0], whole[1][0], rtol=1e-5, atol=1e-6)
 
 
 def test_chunk_size_follows_the_cap():
