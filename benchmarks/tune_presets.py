@@ -17,7 +17,7 @@ from .cases import GPU_CASE_A, GPU_CASE_C, make_inputs
 from .implementations import LOSSES
 
 CANDIDATES = {  # (BLOCK_B, BLOCK_N, BLOCK_D, warps, stages)
-    "forward": [(64, 256, 64, 4, 4), (64, 256, 64, 4, 2), (64, 128, 64, 4, 3), (64, 128, 128, 4, 3),
+    "forward": [(64, 256, 64, 4, 4), (64, 256, 64, 4, 2), (64, 128, 64, 4, 3), (64, 128, 128, 4, 2),
                 (128, 256, 64, 8, 3)],
     "forward_pairwise": [(64, 128, 64, 4, 3), (64, 128, 128, 4, 3), (128, 128, 64, 8, 3), (64, 64, 128, 4, 3)],
     "grad_similarity": [(64, 64, 128, 4, 3), (64, 64, 256, 4, 2), (64, 128, 64, 4, 3), (64, 128, 128, 4, 2),

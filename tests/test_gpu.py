@@ -82,10 +82,12 @@ def test_same_bits_twice(form):
     assert all(torch.equal(a, b) for a, b in zip(first[1], second[1]))
 
 
-def test_backward_in_chunks():
+@pytest.mark.parametrize("D", [130, 128])  # rows of 260 / 256 bytes: pointers / tensor descriptors on sm_90
+def test_backward_in_chunks(D):
     """A workspace cap of 1024 keys a chunk (20 chunks): key gradients are the same bits as one chunk
-    (chunks start on tile boundaries), query gradients differ only by summation order."""
-    emb, weight, labels, _ = make_inputs(300, 20_011, 130, dtype=torch.bfloat16)
+    (chunks start on tile boundaries, rows split by the whole problem), query gradients differ only by
+    summation order."""
+    emb, weight, labels, _ = make_inputs(300, 20_011, D, dtype=torch.bfloat16)
     whole = run(cl.circle_loss, (emb, weight, labels), backend="triton")
     before = cl.workspace_limit()
     cl.set_workspace_limit(300 * 1024 * 2)
