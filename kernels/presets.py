@@ -40,9 +40,10 @@ _ELEMENTWISE = {
 # outputs, BLOCK_B rows a step).
 PRESETS = {
     ("sm90", "16"): {  # measured on an H200: benchmarks/tune_presets.py, results/nvidia-h200_*-tune_presets.txt,
-        # except "forward" (class-level) and "grad_similarity", chosen offline for the TMA kernels (aot:
-        # issue_to_mma 0.59 and 1.23 to 1.67, no spills; two blocks of grad_similarity fit an SM)
-        "forward": _tiles(64, 256, 64, 4, 4),
+        # except "forward" (class-level) and "grad_similarity", chosen offline for the TMA kernels (aot,
+        # triton 3.9 / 3.6: issue_to_mma 0.54 / 0.58 and 1.19 to 1.48 / 1.27 to 1.50, no spills; two
+        # blocks of either fit an SM)
+        "forward": _tiles(64, 256, 64, 4, 2),
         "forward_pairwise": _tiles(64, 128, 64, 4, 3),
         "grad_similarity": _tiles(64, 64, 128, 4, 3, RADIAL_TILE=True),
         "grad_queries": _tiles(128, 64, 256, 8, 3),

@@ -80,14 +80,17 @@ def circle_epilogue(s, is_pos, margin, DETACH_ALPHA: tl.constexpr):
     r = 1 - s on positives): α = relu(r + m) and the distance to the margin is r - m, since
     α^p = relu(O_p - s) = relu((1 - s) + m), Δ_p - s = (1 - s) - m with O_p = 1 + m, Δ_p = 1 - m, and
     α^n = relu(s - O_n) = relu(s + m), s - Δ_n = s - m with O_n = -m, Δ_n = m. dr/ds = ∓1.
+    With u = max(r, -m), α = u + m and the logit α·(r - m) is (u + m)(u - m) = u² - m² (0 where α is
+    clipped): one max and one fma.
     """
     r = tl.where(is_pos, 1.0 - s, s)
-    alpha = tl.maximum(r + margin, 0.0)
-    logit = alpha * (r - margin)
+    u = tl.maximum(r, -margin, propagate_nan=tl.PropagateNan.ALL)  # NaN in s stays NaN
+    logit = tl.fma(u, u, -margin * margin)
     if DETACH_ALPHA:
+        alpha = u + margin
         slope = tl.where(is_pos, -alpha, alpha)
-    else:  # d(relu(r + m)·(r - m))/dr = 2r where α is not clipped
-        slope = tl.where(alpha > 0.0, tl.where(is_pos, -2.0 * r, 2.0 * r), 0.0)
+    else:  # d((r + m)·(r - m))/dr = 2r where α is not clipped (r > -m, so u = r)
+        slope = tl.where(r > -margin, tl.where(is_pos, -2.0 * u, 2.0 * u), 0.0)
     return logit, slope
 
 
