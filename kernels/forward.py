@@ -110,11 +110,17 @@ def circle_forward_kernel(
                 top_neg = tl.maximum(top_neg, tl.max(tl.where(~is_pos & present, s, float("-inf")), axis=1))
             if NEGATIVE_SUM:
                 negative_sum += tl.sum(tl.where(~is_pos & present, logit, 0.0), axis=1)
-            # online log-sum-exp for each kind: new maxima, then one exp2 per similarity against its own
-            max_pos, sum_pos, shift_pos = _rescale(
-                max_pos, sum_pos, tl.max(tl.where(is_pos, logit, float("-inf")), axis=1) * scale2)
-            max_neg, sum_neg, shift_neg = _rescale(
-                max_neg, sum_neg, tl.max(tl.where(is_pos, float("-inf"), logit), axis=1) * scale2)
+            # online log-sum-exp for each kind. Maxima: a row's logits lie within 4 of each other (u² - m²
+            # with u in [-1, 2] or constant, in units of γ), so logit ± 1024·f (f: 1 on positives) puts
+            # the other kind out of the way, without a select; a tile without this kind gives a finite
+            # maximum ~1024 below the other's, against which no term is summed
+            f = is_pos.to(tl.float32)
+            max_pos, sum_pos, shift_pos = _rescale(max_pos, sum_pos,
+                                                   (tl.max(tl.fma(f, 1024.0, logit), axis=1) - 1024.0) * scale2)
+            max_neg, sum_neg, shift_neg = _rescale(max_neg, sum_neg,
+                                                   tl.max(tl.fma(f, -1024.0, logit), axis=1) * scale2)
+            # then one exp2 per similarity against its own kind's maximum; the sums take their kind by
+            # selects, so a NaN stays in its own kind (LP is -inf exactly when a row has no positive)
             p = tl.exp2(tl.fma(logit, scale2, -tl.where(is_pos, shift_pos[:, None], shift_neg[:, None])))
             sum_pos += tl.sum(tl.where(is_pos, p, 0.0), axis=1)
             sum_neg += tl.sum(tl.where(is_pos, 0.0, p), axis=1)
