@@ -95,7 +95,8 @@ def launches(dtypes=tuple(OPERAND_TYPES)) -> list[Launch]:
         precision = dot_precision(dtype)
         result.append(_launch("inv_norm", inv_norm_kernel, dtype, "", {"x_ptr": x}))
         for form, flags in _LABEL_FORMS.items():
-            result.append(_launch("forward" if flags["CLASS_LEVEL"] else "forward_pairwise", circle_forward_kernel, dtype, form, circle,
+            kernel = "forward" if flags["CLASS_LEVEL"] else "forward_pairwise"
+            result.append(_launch(kernel, circle_forward_kernel, dtype, form, circle,
                                   DOT_PRECISION=precision, TRACK_TOP1=False, NEGATIVE_SUM=False, EDGE=False, **flags))
             for detach in (True, False):
                 variant = f"{form} {'detach' if detach else 'full'}-alpha"

@@ -23,8 +23,8 @@ import triton
 import triton.language as tl
 
 from .presets import target_programs, tile_config
-from .tile import (LN_2, LOG2_E, circle_epilogue, dot_tile, edge_ranges, excluded_pairs, keys_in_bounds, operand_loads,
-                   positive_pairs, problem_arguments, row_excluded_keys, row_labels)
+from .tile import (LN_2, LOG2_E, circle_epilogue, column_labels, dot_tile, edge_ranges, excluded_pairs,
+                   keys_in_bounds, operand_loads, positive_pairs, problem_arguments, row_excluded_keys, row_labels)
 
 
 @triton.jit
@@ -92,7 +92,8 @@ def circle_forward_kernel(
         if CLASS_LEVEL:
             # negatives only: the row's own class is the positive, gathered after the loop
             logit, _ = circle_epilogue(s, False, margin, True)
-            present = present & ~positive_pairs(q_label, k_label_ptr, n0, N, BLOCK_N, CLASS_LEVEL)
+            present = present & ~positive_pairs(q_label, column_labels(k_label_ptr, n0, N, BLOCK_N, CLASS_LEVEL), n0,
+                                                CLASS_LEVEL)
             logit = tl.where(present, logit, float("-inf"))
             if TRACK_TOP1:
                 top_neg = tl.maximum(top_neg, tl.max(tl.where(present, s, float("-inf")), axis=1))
@@ -102,7 +103,7 @@ def circle_forward_kernel(
             max_neg, sum_neg, shift = _rescale(max_neg, sum_neg, tl.max(logit, axis=1) * scale2)
             sum_neg += tl.sum(tl.exp2(tl.fma(logit, scale2, -shift[:, None])), axis=1)
         else:
-            is_pos = positive_pairs(q_label, k_label_ptr, n0, N, BLOCK_N, CLASS_LEVEL)
+            is_pos = positive_pairs(q_label, column_labels(k_label_ptr, n0, N, BLOCK_N, CLASS_LEVEL), n0, CLASS_LEVEL)
             logit, _ = circle_epilogue(s, is_pos, margin, True)
             logit = tl.where(present, logit, float("-inf"))
             if TRACK_TOP1:

@@ -26,8 +26,8 @@ from the positive and c = c_n = ε/C onto every negative.
 import triton
 import triton.language as tl
 
-from .tile import (LOG2_E, circle_epilogue, dot_tile, excluded_pairs, keys_in_bounds, positive_pairs,
-                   row_excluded_keys, row_labels)
+from .tile import (LOG2_E, circle_epilogue, column_labels, dot_tile, excluded_pairs, keys_in_bounds,
+                   positive_pairs, row_excluded_keys, row_labels)
 
 
 @triton.jit
@@ -48,6 +48,7 @@ def circle_grad_similarity_kernel(
     local = local0 + tl.arange(0, BLOCK_N)
     keys = key_start + local
     inv_norm_k = tl.load(inv_norm_k_ptr + keys, mask=keys < N, other=0.0)
+    k_label = column_labels(k_label_ptr, key_start + local0, N, BLOCK_N, CLASS_LEVEL)
     if EDGE:  # the last partial tile: keys past N are no pair
         in_bounds = keys_in_bounds(key_start + local0, N, BLOCK_N)[None, :]
     else:
@@ -72,7 +73,7 @@ def circle_grad_similarity_kernel(
         dots = dot_tile(q_ptr, k_ptr, q_desc, k_desc, rows_start, key_start + local0, B, N, D, stride_qb,
                         stride_qd, stride_kn, stride_kd, BLOCK_B, BLOCK_N, BLOCK_D, EVEN_D, TMA, DOT_PRECISION)
         s = dots * inv_norm_k[None, :] * inv_norm_q[:, None]
-        is_pos = positive_pairs(q_label, k_label_ptr, key_start + local0, N, BLOCK_N, CLASS_LEVEL)
+        is_pos = positive_pairs(q_label, k_label, key_start + local0, CLASS_LEVEL)
         logit, slope = circle_epilogue(s, is_pos, margin, DETACH_ALPHA)
         # G_ij / (γ·σ_i): the logit's softmax weight within LP_i or LN_i, times (d logit / d s) / γ
         weight = tl.exp2(tl.fma(logit, scale2, -tl.where(is_pos, lse_pos2[:, None], lse_neg2[:, None])))

@@ -116,13 +116,23 @@ def keys_in_bounds(first_key, N, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
-def positive_pairs(q_label, k_label_ptr, first_key, N, BLOCK_N: tl.constexpr, CLASS_LEVEL: tl.constexpr):
-    """The tile of b_j == a_i for keys j = first_key + [0, BLOCK_N) (b_j = j for class-level keys, the
-    rows of W: compared as int32 offsets from first_key)."""
+def column_labels(k_label_ptr, first_key, N, BLOCK_N: tl.constexpr, CLASS_LEVEL: tl.constexpr):
+    """b_j for the tile's keys j = first_key + [0, BLOCK_N), as positive_pairs takes them: pair-wise
+    labels (-1 past N), or for class-level keys (b_j = j, the rows of W) the int32 offsets j - first_key."""
     if CLASS_LEVEL:
-        return (q_label - first_key).to(tl.int32)[:, None] == tl.arange(0, BLOCK_N)[None, :]
-    keys = first_key + tl.arange(0, BLOCK_N)
-    k_label = tl.load(k_label_ptr + keys, mask=keys < N, other=-1)
+        labels = tl.arange(0, BLOCK_N)
+    else:
+        keys = first_key + tl.arange(0, BLOCK_N)
+        labels = tl.load(k_label_ptr + keys, mask=keys < N, other=-1)
+    return labels
+
+
+@triton.jit
+def positive_pairs(q_label, k_label, first_key, CLASS_LEVEL: tl.constexpr):
+    """The tile of b_j == a_i, k_label from column_labels (class-level: compared as int32 offsets from
+    first_key)."""
+    if CLASS_LEVEL:
+        return (q_label - first_key).to(tl.int32)[:, None] == k_label[None, :]
     return q_label[:, None] == k_label[None, :]
 
 
