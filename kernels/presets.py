@@ -40,11 +40,11 @@ _ELEMENTWISE = {
 # outputs, BLOCK_B rows a step).
 PRESETS = {
     ("sm90", "16"): {  # measured on an H200: benchmarks/tune_presets.py, results/nvidia-h200_*-tune_presets.txt,
-        # except "forward" (class-level) and "grad_similarity", chosen offline for the TMA kernels (aot,
-        # triton 3.9 / 3.6: issue_to_mma 0.54 / 0.58 and 1.19 to 1.48 / 1.27 to 1.50, no spills; two
-        # blocks of either fit an SM)
+        # except the tile kernels', chosen offline for the TMA kernels (aot, triton 3.9 / 3.6, no spills,
+        # two blocks an SM): issue_to_mma forward 0.54 / 0.58, forward_pairwise 1.06-1.15 / 1.10-1.17,
+        # grad_similarity 1.18-1.30 / 1.27-1.43
         "forward": _tiles(64, 256, 64, 4, 2),
-        "forward_pairwise": _tiles(64, 128, 64, 4, 3),
+        "forward_pairwise": _tiles(64, 128, 128, 4, 2),
         "grad_similarity": _tiles(64, 64, 128, 4, 3, RADIAL_TILE=True),
         "grad_queries": _tiles(128, 64, 256, 8, 3),
         "grad_keys": _tiles(64, 128, 256, 8, 3),
