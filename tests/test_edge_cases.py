@@ -288,9 +288,9 @@ def test_preset_families():
 @pytest.mark.parametrize("D", [70, 72])  # rows of 140 / 144 bytes in bf16: pointers / tensor descriptors
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_sm90_presets_under_the_interpreter(dtype, D, monkeypatch):
-    """The interpreter runs the H100 tiles (64 × 256 × 64 and 64 × 128 × 64 in 16 bits) on a case that
-    crosses their row, key and D boundaries, through both operand paths, so their masking is checked
-    without a GPU."""
+    """The interpreter runs the H100 tiles (64 × 256 × 64, 64 × 128 × 128 and 64 × 64 × 128 in 16 bits)
+    on a case that crosses their row, key and D boundaries, through both operand paths, so their masking
+    is checked without a GPU."""
     from circleloss_ext.kernels import presets
     monkeypatch.setattr(presets, "_INTERPRETER", presets.PRESETS[("sm90", presets.operand_width(dtype))])
     emb, weight, labels, _ = make_inputs(130, 261, D, dtype=dtype, device="cpu")
