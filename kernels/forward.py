@@ -86,14 +86,17 @@ def circle_forward_kernel(
         inv_norm_k = tl.load(inv_norm_k_ptr + keys, mask=keys < N, other=0.0)
         s = dots * inv_norm_k[None, :] * inv_norm_q[:, None]
         # masks: keys past N (only in the EDGE launch, the last partial tile) and the row's excluded key
-        present = keys_in_bounds(n0, N, BLOCK_N)[None, :] if EDGE else tl.full((1, BLOCK_N), True, tl.int1)
+        if EDGE:
+            present = keys_in_bounds(n0, N, BLOCK_N)[None, :]
+        else:
+            present = tl.full((1, BLOCK_N), True, tl.int1)
         if EXCLUDE_KEY:  # each row's own slot: i itself in-batch, or its slot in a memory
             present = present & ~excluded_pairs(excluded_key, n0, BLOCK_N)
+        is_pos = positive_pairs(q_label, column_labels(k_label_ptr, n0, N, BLOCK_N, CLASS_LEVEL), n0, CLASS_LEVEL)
         if CLASS_LEVEL:
             # negatives only: the row's own class is the positive, gathered after the loop
             logit, _ = circle_epilogue(s, False, margin, True)
-            present = present & ~positive_pairs(q_label, column_labels(k_label_ptr, n0, N, BLOCK_N, CLASS_LEVEL), n0,
-                                                CLASS_LEVEL)
+            present = present & ~is_pos
             logit = tl.where(present, logit, float("-inf"))
             if TRACK_TOP1:
                 top_neg = tl.maximum(top_neg, tl.max(tl.where(present, s, float("-inf")), axis=1))
@@ -103,7 +106,6 @@ def circle_forward_kernel(
             max_neg, sum_neg, shift = _rescale(max_neg, sum_neg, tl.max(logit, axis=1) * scale2)
             sum_neg += tl.sum(tl.exp2(tl.fma(logit, scale2, -shift[:, None])), axis=1)
         else:
-            is_pos = positive_pairs(q_label, column_labels(k_label_ptr, n0, N, BLOCK_N, CLASS_LEVEL), n0, CLASS_LEVEL)
             logit, _ = circle_epilogue(s, is_pos, margin, True)
             logit = tl.where(present, logit, float("-inf"))
             if TRACK_TOP1:

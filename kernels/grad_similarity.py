@@ -88,11 +88,11 @@ def circle_grad_similarity_kernel(
         else:
             h = tl.where(present, weight * slope, 0.0) * h_row[:, None] * inv_norm_k[None, :]
         h = h.to(h_ptr.dtype.element_ty)
-        if TMA:  # one bulk copy; rows ≥ B are clipped, columns past the chunk (zeros) land in its padding
+        # rows ≥ B are not stored; columns past the chunk (zeros, in the EDGE tile) land in its padding
+        if TMA:  # one bulk copy, which clips the rows
             h_desc.store([tl.cast(rows_start, tl.int32), tl.cast(local0, tl.int32)], h)
         else:
-            in_chunk = (local < chunk_len)[None, :] if EDGE else tl.full((1, BLOCK_N), True, tl.int1)
-            tl.store(h_ptr + rows[:, None] * h_stride + local[None, :], h, mask=row_ok[:, None] & in_chunk)
+            tl.store(h_ptr + rows[:, None] * h_stride + local[None, :], h, mask=row_ok[:, None])
         if NEED_RADIAL:  # from H as stored, so that grad_keys removes exactly its radial part
             if RADIAL_TILE:
                 radial = tl.fma(h.to(tl.float32), dots, radial)
