@@ -14,7 +14,9 @@ The resource numbers are `cuobjdump -res-usage` (triton's bundled one) on the cu
                 does not record; the sum is what a block needs (sm_80: 163 KB at most, sm_90: 227 KB).
   wgmma         whether the PTX uses Hopper's warpgroup matrix products (wgmma.mma_async); the table
                 shows it for sm_90 only.
-A failed compile is printed with its reason, the others still run, and the exit status is 1.
+A failed compile is printed with its reason, the others still run, and the exit status is 1. The last
+line counts the sm_90 16-bit rows with matrix products that keep the budget (issue_to_mma at most 0.6,
+no synchronous wait in a loop, no spill) and names the others.
 
 Instruction counts, read from the SASS (`cuobjdump -sass`; `--sass DIR` keeps each kernel's), at
 D = 512 (the face-training width; ANALYSIS_D):
@@ -163,6 +165,21 @@ def _reasons(error: BaseException) -> str:
     return "\ncaused by ".join(reasons)
 
 
+ISSUE_TO_MMA_BUDGET = 0.6  # a tile that issues at most this share of its tensor-core cycles leaves room
+
+
+def budget_summary(rows: list) -> str:
+    """One line: how many sm_90 16-bit rows with matrix products keep the budget (issue_to_mma at most
+    ISSUE_TO_MMA_BUDGET, no synchronous wgmma wait in a loop, no spill), naming those that do not."""
+    rows = [row for row in rows if row["arch"] == 90 and row["issue_to_mma"] is not None
+            and not row["variant"].startswith("fp32")]
+    over = [row for row in rows if row["issue_to_mma"] > ISSUE_TO_MMA_BUDGET or row["sync_waits"]
+            or row["spill_bytes"]]
+    names = sorted({f"{row['kernel']} {row['variant'].split(' ', 1)[-1]}".rstrip() for row in over})
+    return (f"sm_90 16-bit rows within the budget (issue_to_mma <= {ISSUE_TO_MMA_BUDGET}, no sync wait, "
+            f"no spill): {len(rows) - len(over)} of {len(rows)}" + (f"; over: {', '.join(names)}" if names else ""))
+
+
 def _format(cells) -> str:
     return "  ".join(f"{cell:<{width}}" for cell, (_, width) in zip(cells, _COLUMNS)).rstrip()
 
@@ -206,6 +223,7 @@ def main(argv=None) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)
+    print(budget_summary(rows))
     if failed:
         print(f"{failed} of {failed + len(rows)} compiles failed", file=sys.stderr)
     return 1 if failed else 0

@@ -76,6 +76,20 @@ def test_class_level_forward_is_tensor_core_bound_on_sm90(report):
     assert forward[0]["spill_bytes"] == 0, forward[0]
 
 
+def test_the_budget_line_counts_the_rows(report):
+    """The report ends with how many sm_90 16-bit rows keep the issue's budget, naming the others."""
+    table, rows, _ = report
+    tile_rows = [row for row in rows if row["arch"] == 90 and row["issue_to_mma"] is not None
+                 and row["variant"].startswith("bf16")]
+    within = [row for row in tile_rows if row["issue_to_mma"] <= 0.6 and not row["sync_waits"]
+              and not row["spill_bytes"]]
+    line = table.strip().splitlines()[-1]
+    assert line.startswith("sm_90 16-bit rows within the budget"), line
+    assert f": {len(within)} of {len(tile_rows)}" in line, line
+    assert all(f"{row['kernel']} {row['variant'].split(' ', 1)[-1]}" in line
+               for row in tile_rows if row not in within), line
+
+
 def test_no_synchronous_wgmma_waits_in_16_bit_loops(report):
     _, rows, _ = report
     for row in rows:
