@@ -14,11 +14,10 @@ import math
 import torch
 import triton
 
-from .forward import key_splits
 from .grad_keys import circle_grad_keys_kernel
 from .grad_queries import circle_grad_queries_kernel
 from .grad_similarity import circle_grad_similarity_kernel
-from .presets import dot_precision, target_programs, tile_config
+from .presets import dot_precision, splits_to_fill, tile_config
 from .tile import edge_ranges, operand_loads, problem_arguments, workspace_descriptor
 
 DEFAULT_WORKSPACE_BYTES = 1 << 30
@@ -39,10 +38,10 @@ def workspace_limit() -> int:
     return _workspace_bytes
 
 
-def chunk_keys(B: int, N: int, h_dtype: torch.dtype, row_blocks: int, align: int, need_radial: bool) -> int:
-    """Keys per chunk: a multiple of `align` whose workspace (B × chunk of H, row_blocks × chunk float32
+def chunk_keys(B: int, N: int, h_dtype: torch.dtype, radial_rows: int, align: int, need_radial: bool) -> int:
+    """Keys per chunk: a multiple of `align` whose workspace (B × chunk of H, radial_rows × chunk float32
     radial partials) fits the limit; never more than N needs."""
-    per_key = B * torch.empty((), dtype=h_dtype).element_size() + (row_blocks * 4 if need_radial else 0)
+    per_key = B * torch.empty((), dtype=h_dtype).element_size() + (radial_rows * 4 if need_radial else 0)
     chunk = max(align, _workspace_bytes // per_key // align * align)
     return min(chunk, triton.cdiv(N, align) * align)
 
@@ -80,29 +79,26 @@ def circle_backward(grad_rows, queries, keys, query_labels, key_labels, inv_norm
     similarity_cfg = tile_config("grad_similarity", queries)
     queries_cfg = tile_config("grad_queries", queries)
     keys_cfg = tile_config("grad_keys", queries)
-    row_blocks = triton.cdiv(B, similarity_cfg.blocks["BLOCK_B"])
-    align = math.lcm(similarity_cfg.blocks["BLOCK_N"], queries_cfg.blocks["BLOCK_N"], keys_cfg.blocks["BLOCK_N"])
-    chunk = chunk_keys(B, N, h_dtype, row_blocks, align, need_keys)
+    block_n = similarity_cfg.blocks["BLOCK_N"]
+    # grad_similarity splits the rows as far as it takes N's key tiles to fill the device: one split for
+    # the whole call, whatever the chunk, so the radial sums (and so the key gradients) are the same
+    # bits at any workspace limit; each split writes one row of radial partials per key
+    row_splits, rows_per_split = splits_to_fill(B, triton.cdiv(N, block_n), similarity_cfg.blocks["BLOCK_B"],
+                                                queries)
+    align = math.lcm(block_n, queries_cfg.blocks["BLOCK_N"], keys_cfg.blocks["BLOCK_N"])
+    chunk = chunk_keys(B, N, h_dtype, row_splits, align, need_keys)
     device = queries.device
     h = torch.empty(B, chunk, device=device, dtype=h_dtype)
-    radial = torch.empty(row_blocks, chunk, device=device, dtype=torch.float32) if need_keys else h
+    radial = torch.empty(row_splits, chunk, device=device, dtype=torch.float32) if need_keys else h
     raw_q = torch.zeros(B, D, device=device, dtype=torch.float32) if need_queries else None
     grad_k = torch.empty(N, D, device=device, dtype=keys.dtype) if need_keys else None
     precision = dot_precision(h_dtype)
     q_tiles = triton.cdiv(B, queries_cfg.blocks["BLOCK_B"]) * triton.cdiv(D, queries_cfg.blocks["BLOCK_D"])
     if need_queries:  # R's partial sums: as many splits as the widest chunk (the first) takes
-        max_splits, _ = key_splits(min(chunk, N), q_tiles, queries_cfg.blocks["BLOCK_N"], queries)
+        max_splits, _ = splits_to_fill(min(chunk, N), q_tiles, queries_cfg.blocks["BLOCK_N"], queries)
         partials = torch.empty(max_splits, B, D, device=device, dtype=torch.float32)
     similarity_loads = operand_loads(queries, keys, similarity_cfg)
-    # grad_similarity splits the rows as far as it takes N's key tiles to fill the device: one split for
-    # the whole call, whatever the chunk, so the radial sums (and so the key gradients) are the same
-    # bits at any workspace limit; every column of the radial partials has a writer in [0, row_splits)
-    row_splits = max(1, min(row_blocks, triton.cdiv(target_programs(queries),
-                                                    triton.cdiv(N, similarity_cfg.blocks["BLOCK_N"]))))
-    rows_per_split = triton.cdiv(row_blocks, row_splits) * similarity_cfg.blocks["BLOCK_B"]
-    row_splits = triton.cdiv(B, rows_per_split)
     h_desc = workspace_descriptor(h, similarity_cfg) if similarity_loads["TMA"] else None
-    block_n = similarity_cfg.blocks["BLOCK_N"]
     for key_start in range(0, N, chunk):
         chunk_len = min(chunk, N - key_start)
         span = dict(key_start=key_start, chunk_len=chunk_len, h_stride=chunk)
@@ -110,12 +106,11 @@ def circle_backward(grad_rows, queries, keys, query_labels, key_labels, inv_norm
             circle_grad_similarity_kernel[(triton.cdiv(local_end - local_begin, block_n), row_splits)](
                 **problem, lse_pos_ptr=lse_pos, lse_neg_ptr=lse_neg, row_scale_ptr=row_scale,
                 grad_rows_ptr=grad_rows, grad_scale_ptr=grad_scale, h_ptr=h, h_desc=h_desc, radial_ptr=radial,
-                **span,
-                local_begin=local_begin, rows_per_split=rows_per_split, smooth_pos=smooth_pos,
+                **span, local_begin=local_begin, rows_per_split=rows_per_split, smooth_pos=smooth_pos,
                 smooth_neg=smooth_neg, DETACH_ALPHA=detach_alpha, NEED_RADIAL=need_keys, LABEL_SMOOTHING=smoothing,
                 EDGE=edge, **similarity_loads, **similarity_cfg.kwargs())
         if need_queries:
-            splits, keys_per_split = key_splits(chunk_len, q_tiles, queries_cfg.blocks["BLOCK_N"], queries)
+            splits, keys_per_split = splits_to_fill(chunk_len, q_tiles, queries_cfg.blocks["BLOCK_N"], queries)
             partial = partials[:splits]
             grid = (triton.cdiv(B, queries_cfg.blocks["BLOCK_B"]), triton.cdiv(D, queries_cfg.blocks["BLOCK_D"]),
                     splits)
@@ -126,7 +121,7 @@ def circle_backward(grad_rows, queries, keys, query_labels, key_labels, inv_norm
             raw_q += partial.sum(dim=0)
         if need_keys:
             chunk_norms = inv_norm_k[key_start:key_start + chunk_len]
-            radial_coef = radial[:row_splits, :chunk_len].sum(dim=0) * chunk_norms * chunk_norms  # ‖k_j‖⁻² ρ_j
+            radial_coef = radial[:, :chunk_len].sum(dim=0) * chunk_norms * chunk_norms  # ‖k_j‖⁻² ρ_j
             grid = (triton.cdiv(chunk_len, keys_cfg.blocks["BLOCK_N"]), triton.cdiv(D, keys_cfg.blocks["BLOCK_D"]))
             circle_grad_keys_kernel[grid](
                 h_ptr=h, q_ptr=queries, k_ptr=keys, radial_coef_ptr=radial_coef, grad_scale_ptr=grad_scale,

@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .presets import target_programs, tile_config
+from .presets import splits_to_fill, tile_config
 from .tile import (LN_2, LOG2_E, circle_epilogue, column_labels, dot_tile, edge_ranges, excluded_pairs,
                    keys_in_bounds, operand_loads, positive_pairs, problem_arguments, row_excluded_keys, row_labels)
 
@@ -142,16 +142,9 @@ def circle_forward_kernel(
     if NEGATIVE_SUM:  # (splits, B), in natural units: γ·Σ v/γ
         tl.store(negative_sum_ptr + out, negative_sum * gamma, mask=rows < B)
     if TRACK_TOP1:  # top: (splits, 2, B)
-        tl.store(top_ptr + split.to(tl.int64) * B + out, top_pos, mask=rows < B)
-        tl.store(top_ptr + split.to(tl.int64) * B + B + out, top_neg, mask=rows < B)
-
-
-def key_splits(num_keys: int, row_blocks: int, block_n: int, x: torch.Tensor) -> tuple[int, int]:
-    """(splits, keys_per_split): enough programs to fill the device, each split a whole number of tiles."""
-    tiles = triton.cdiv(num_keys, block_n)
-    splits = max(1, min(tiles, triton.cdiv(target_programs(x), row_blocks)))
-    keys_per_split = triton.cdiv(tiles, splits) * block_n
-    return triton.cdiv(num_keys, keys_per_split), keys_per_split
+        top_row = top_ptr + 2 * split.to(tl.int64) * B + rows
+        tl.store(top_row, top_pos, mask=rows < B)
+        tl.store(top_row + B, top_neg, mask=rows < B)
 
 
 def circle_forward(queries, keys, query_labels, key_labels, inv_norm_q, inv_norm_k, margin, gamma,
@@ -164,7 +157,7 @@ def circle_forward(queries, keys, query_labels, key_labels, inv_norm_q, inv_norm
     cfg = tile_config("forward" if key_labels is None else "forward_pairwise", queries)
     B, N, block_n = problem["B"], problem["N"], cfg.blocks["BLOCK_N"]
     row_blocks = triton.cdiv(B, cfg.blocks["BLOCK_B"])
-    launches = [(begin, end, edge, *key_splits(end - begin, row_blocks, block_n, queries))
+    launches = [(begin, end, edge, *splits_to_fill(end - begin, row_blocks, block_n, queries))
                 for begin, end, edge in edge_ranges(N, block_n)]
     splits = sum(launch[3] for launch in launches)
     partial_pos = torch.empty(splits, B, device=queries.device, dtype=torch.float32)

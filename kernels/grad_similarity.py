@@ -46,11 +46,12 @@ def circle_grad_similarity_kernel(
     # this program's keys: one tile of the chunk, fixed for the whole program
     local0 = local_begin + tl.program_id(0).to(tl.int64) * BLOCK_N
     local = local0 + tl.arange(0, BLOCK_N)
-    keys = key_start + local
+    first_key = key_start + local0
+    keys = first_key + tl.arange(0, BLOCK_N)
     inv_norm_k = tl.load(inv_norm_k_ptr + keys, mask=keys < N, other=0.0)
-    k_label = column_labels(k_label_ptr, key_start + local0, N, BLOCK_N, CLASS_LEVEL)
+    k_label = column_labels(k_label_ptr, first_key, N, BLOCK_N, CLASS_LEVEL)
     if EDGE:  # the last partial tile: keys past N are no pair
-        in_bounds = keys_in_bounds(key_start + local0, N, BLOCK_N)[None, :]
+        in_bounds = keys_in_bounds(first_key, N, BLOCK_N)[None, :]
     else:
         in_bounds = tl.full((1, BLOCK_N), True, tl.int1)
     scale2 = gamma * LOG2_E  # logit units (γ) to base-2 logits
@@ -70,17 +71,16 @@ def circle_grad_similarity_kernel(
         h_row = tl.load(row_scale_ptr + rows, mask=row_ok, other=0.0) * row_factor
         q_label = row_labels(q_label_ptr, rows, B, CLASS_LEVEL)
         # S tile, recomputed: raw products on the tensor cores, normalised in the float32 accumulator
-        dots = dot_tile(q_ptr, k_ptr, q_desc, k_desc, rows_start, key_start + local0, B, N, D, stride_qb,
-                        stride_qd, stride_kn, stride_kd, BLOCK_B, BLOCK_N, BLOCK_D, EVEN_D, TMA, DOT_PRECISION)
+        dots = dot_tile(q_ptr, k_ptr, q_desc, k_desc, rows_start, first_key, B, N, D, stride_qb, stride_qd,
+                        stride_kn, stride_kd, BLOCK_B, BLOCK_N, BLOCK_D, EVEN_D, TMA, DOT_PRECISION)
         s = dots * inv_norm_k[None, :] * inv_norm_q[:, None]
-        is_pos = positive_pairs(q_label, k_label, key_start + local0, CLASS_LEVEL)
+        is_pos = positive_pairs(q_label, k_label, first_key, CLASS_LEVEL)
         logit, slope = circle_epilogue(s, is_pos, margin, DETACH_ALPHA)
         # G_ij / (γ·σ_i): the logit's softmax weight within LP_i or LN_i, times (d logit / d s) / γ
         weight = tl.exp2(tl.fma(logit, scale2, -tl.where(is_pos, lse_pos2[:, None], lse_neg2[:, None])))
         present = in_bounds
         if EXCLUDE_KEY:  # the row's excluded key (i itself in-batch, its slot in a memory)
-            present = present & ~excluded_pairs(row_excluded_keys(excluded_key_ptr, rows, B), key_start + local0,
-                                                BLOCK_N)
+            present = present & ~excluded_pairs(row_excluded_keys(excluded_key_ptr, rows, B), first_key, BLOCK_N)
         if LABEL_SMOOTHING:  # G_ij = g_i·(σ_i·weight - c)·slope, c = c_p on the positive, c_n on negatives
             smooth_row = tl.load(grad_rows_ptr + rows, mask=row_ok, other=0.0) * row_factor
             smooth = smooth_row[:, None] * tl.where(is_pos, smooth_pos, smooth_neg)

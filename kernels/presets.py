@@ -9,6 +9,7 @@ import os
 from dataclasses import dataclass
 
 import torch
+import triton
 
 
 @dataclass(frozen=True)
@@ -137,6 +138,15 @@ def target_programs(x: torch.Tensor) -> int:
     if interpreting():
         return _INTERPRETER_PROGRAMS
     return _WAVES * torch.cuda.get_device_properties(x.device).multi_processor_count
+
+
+def splits_to_fill(length: int, other_blocks: int, block: int, x: torch.Tensor) -> tuple[int, int]:
+    """(splits, per_split): a range of `length` split into whole blocks of `block` so that splits ×
+    other_blocks programs fill the device (target_programs); per_split is a multiple of block."""
+    blocks = triton.cdiv(length, block)
+    splits = max(1, min(blocks, triton.cdiv(target_programs(x), other_blocks)))
+    per_split = triton.cdiv(blocks, splits) * block
+    return triton.cdiv(length, per_split), per_split
 
 
 # fp32 operands follow torch.get_float32_matmul_precision(), except that "high" keeps 3xTF32: one TF32
