@@ -200,15 +200,16 @@ def fused_backward(grad_rows: Tensor, queries: Tensor, keys: Tensor, query_label
                    backend: str) -> tuple[Tensor, Tensor]:
     """(∂L/∂queries, ∂L/∂keys) in the inputs' dtypes; an empty tensor stands for a gradient not asked for.
 
-    A row that takes no part reaches no gradient, whatever its values (NaN, inf): its query row and
-    inverse norm are zeroed (so its similarities are 0 and finite), its upstream gradient is 0 and
-    its log-sum-exps +inf (so every G_ij of the row is exactly 0). As a key (in-batch) it is untouched.
+    A row that takes no part reaches no gradient, whatever its values (NaN, inf): its query row is
+    zeroed and its inverse norm set to 1 (so its similarities are 0 and every term finite), its upstream
+    gradient is 0 and its log-sum-exps +inf (so every G_ij of the row is exactly 0). As a key (in-batch)
+    it is untouched.
     """
     _check_sizes(queries, keys, query_labels, key_labels, exclude_self, excluded_keys, inv_norm_k, grad_rows=grad_rows,
                  lse_pos=lse_pos, lse_neg=lse_neg, inv_norm_q=inv_norm_q)
     takes_part = rows_taking_part(lse_pos, lse_neg)
     queries = torch.where(takes_part[:, None], queries, 0.0)
-    inv_norm_q = torch.where(takes_part, inv_norm_q, 0.0)
+    inv_norm_q = torch.where(takes_part, inv_norm_q, 1.0)
     grad_rows = torch.where(takes_part, grad_rows, 0.0)
     lse_pos = torch.where(takes_part, lse_pos, float("inf"))
     lse_neg = torch.where(takes_part, lse_neg, float("inf"))

@@ -19,7 +19,7 @@ import torch
 from .forward import circle_forward_kernel
 from .grad_keys import circle_grad_keys_kernel
 from .grad_queries import circle_grad_queries_kernel
-from .grad_similarity import circle_grad_similarity_kernel
+from .grad_similarity import circle_grad_similarity_kernel, circle_positive_gradient_kernel
 from .presets import LaunchConfig, dot_precision
 from .row_norm import inv_norm_kernel
 
@@ -104,6 +104,10 @@ def launches(dtypes=tuple(OPERAND_TYPES)) -> list[Launch]:
                                       {**circle, "h_ptr": x}, DETACH_ALPHA=detach, NEED_RADIAL=True,
                                       LABEL_SMOOTHING=False, EDGE=False,
                                       DOT_PRECISION=precision, **flags))
+        for detach in (True, False):
+            result.append(_launch("positive_gradient", circle_positive_gradient_kernel, dtype,
+                                  f"class-level {'detach' if detach else 'full'}-alpha", circle,
+                                  DETACH_ALPHA=detach, LABEL_SMOOTHING=False))
         result.append(_launch("grad_queries", circle_grad_queries_kernel, dtype, "", {"h_ptr": x, "k_ptr": x},
                               DOT_PRECISION=precision))
         result.append(_launch("grad_keys", circle_grad_keys_kernel, dtype, "",

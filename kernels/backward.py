@@ -1,6 +1,7 @@
 """Backward launcher: H = ∂L/∂S (norms folded in) one chunk of keys at a time, then two plain products.
 
-For each chunk of keys [k0, k0 + chunk):
+Class-level keys first get each row's positive (circle_positive_gradient_kernel, O(B·D)). Then, for
+each chunk of keys [k0, k0 + chunk):
   1. grad_similarity: recompute S, write H (B × chunk, the operands' dtype) and the radial partials;
   2. grad_queries: R += H · K_chunk (float32 partial sums, added in a fixed order);
   3. grad_keys: ∂L/∂K_chunk = (Hᵀ · Q - ‖k_j‖⁻² ρ_j k_j) / c, written in K's dtype (ρ_j = Σ_i H_ij q_i·k_j).
@@ -16,7 +17,7 @@ import triton
 
 from .grad_keys import circle_grad_keys_kernel
 from .grad_queries import circle_grad_queries_kernel
-from .grad_similarity import circle_grad_similarity_kernel
+from .grad_similarity import circle_grad_similarity_kernel, circle_positive_gradient_kernel
 from .presets import dot_precision, splits_to_fill, tile_config
 from .tile import edge_ranges, operand_loads, problem_arguments, workspace_descriptor
 
@@ -97,6 +98,16 @@ def circle_backward(grad_rows, queries, keys, query_labels, key_labels, inv_norm
     if need_queries:  # R's partial sums: as many splits as the widest chunk (the first) takes
         max_splits, _ = splits_to_fill(min(chunk, N), q_tiles, queries_cfg.blocks["BLOCK_N"], queries)
         partials = torch.empty(max_splits, B, D, device=device, dtype=torch.float32)
+    positive = torch.empty(B if key_labels is None else 0, device=device, dtype=torch.float32)
+    if key_labels is None:  # H_{i,a_i}·‖k_{a_i}‖ of each row's one positive, which the tiles take in place
+        positive_cfg = tile_config("positive_gradient", queries)
+        circle_positive_gradient_kernel[(triton.cdiv(B, positive_cfg.blocks["BLOCK_B"]),)](
+            q_ptr=queries, k_ptr=keys, q_label_ptr=problem["q_label_ptr"], inv_norm_q_ptr=inv_norm_q,
+            inv_norm_k_ptr=inv_norm_k, lse_pos_ptr=lse_pos, lse_neg_ptr=lse_neg, row_scale_ptr=row_scale,
+            grad_rows_ptr=grad_rows, grad_scale_ptr=grad_scale, out_ptr=positive, B=B, N=N, D=D,
+            stride_qb=queries.stride(0), stride_qd=queries.stride(1), stride_kn=keys.stride(0),
+            stride_kd=keys.stride(1), margin=margin, gamma=gamma, smooth_pos=smooth_pos, smooth_neg=smooth_neg,
+            DETACH_ALPHA=detach_alpha, LABEL_SMOOTHING=smoothing, **positive_cfg.kwargs())
     similarity_loads = operand_loads(queries, keys, similarity_cfg)
     h_desc = workspace_descriptor(h, similarity_cfg) if similarity_loads["TMA"] else None
     for key_start in range(0, N, chunk):
@@ -105,7 +116,8 @@ def circle_backward(grad_rows, queries, keys, query_labels, key_labels, inv_norm
         for local_begin, local_end, edge in edge_ranges(chunk_len, block_n):
             circle_grad_similarity_kernel[(triton.cdiv(local_end - local_begin, block_n), row_splits)](
                 **problem, lse_pos_ptr=lse_pos, lse_neg_ptr=lse_neg, row_scale_ptr=row_scale,
-                grad_rows_ptr=grad_rows, grad_scale_ptr=grad_scale, h_ptr=h, h_desc=h_desc, radial_ptr=radial,
+                grad_rows_ptr=grad_rows, grad_scale_ptr=grad_scale, positive_ptr=positive, h_ptr=h, h_desc=h_desc,
+                radial_ptr=radial,
                 **span, local_begin=local_begin, rows_per_split=rows_per_split, smooth_pos=smooth_pos,
                 smooth_neg=smooth_neg, DETACH_ALPHA=detach_alpha, NEED_RADIAL=need_keys, LABEL_SMOOTHING=smoothing,
                 EDGE=edge, **similarity_loads, **similarity_cfg.kwargs())

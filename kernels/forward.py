@@ -24,7 +24,8 @@ import triton.language as tl
 
 from .presets import splits_to_fill, tile_config
 from .tile import (LN_2, LOG2_E, circle_epilogue, column_labels, dot_tile, edge_ranges, excluded_pairs,
-                   keys_in_bounds, operand_loads, positive_pairs, problem_arguments, row_excluded_keys, row_labels)
+                   gathered_positive, keys_in_bounds, operand_loads, positive_pairs, problem_arguments, query_norms,
+                   row_excluded_keys, row_labels)
 
 
 @triton.jit
@@ -33,22 +34,6 @@ def _rescale(run_max, run_sum, tile_max):
     new_max = tl.maximum(run_max, tile_max)
     shift = tl.where(new_max == float("-inf"), 0.0, new_max)
     return new_max, run_sum * tl.exp2(run_max - shift), shift
-
-
-@triton.jit
-def _gathered_positive(q_ptr, k_ptr, inv_norm_k_ptr, rows, q_label, inv_norm_q, B, N, D, stride_qb, stride_qd,
-                       stride_kn, stride_kd, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr):
-    """s_{i,a_i} = q̂_i · k̂_{a_i} for class-level rows (0 where a_i is no key: such a row has no positive)."""
-    has_pos = (rows < B) & (q_label >= 0) & (q_label < N)
-    key = tl.where(has_pos, q_label, 0).to(tl.int64)
-    dot = tl.zeros((BLOCK_B,), tl.float32)
-    for d0 in range(0, D, BLOCK_D):
-        dims = (d0 + tl.arange(0, BLOCK_D)).to(tl.int64)
-        mask = has_pos[:, None] & (dims < D)[None, :]
-        q = tl.load(q_ptr + rows[:, None] * stride_qb + dims[None, :] * stride_qd, mask=mask, other=0.0)
-        k = tl.load(k_ptr + key[:, None] * stride_kn + dims[None, :] * stride_kd, mask=mask, other=0.0)
-        dot += tl.sum(q.to(tl.float32) * k.to(tl.float32), axis=1)
-    return dot * inv_norm_q * tl.load(inv_norm_k_ptr + key), has_pos
 
 
 @triton.jit
@@ -64,7 +49,7 @@ def circle_forward_kernel(
     split = tl.program_id(1)
     rows_start = tl.program_id(0).to(tl.int64) * BLOCK_B
     rows = rows_start + tl.arange(0, BLOCK_B)
-    inv_norm_q = tl.load(inv_norm_q_ptr + rows, mask=rows < B, other=0.0)
+    norm_q, inv_norm_q = query_norms(inv_norm_q_ptr, rows, B)
     max_pos = tl.full((BLOCK_B,), float("-inf"), tl.float32)
     max_neg = tl.full((BLOCK_B,), float("-inf"), tl.float32)
     sum_pos = tl.zeros((BLOCK_B,), tl.float32)
@@ -72,6 +57,7 @@ def circle_forward_kernel(
     top_pos = tl.full((BLOCK_B,), float("-inf"), tl.float32)
     top_neg = tl.full((BLOCK_B,), float("-inf"), tl.float32)
     negative_sum = tl.zeros((BLOCK_B,), tl.float32)
+    no_offset = tl.zeros((BLOCK_B,), tl.float32)
     key_start = key_begin + split.to(tl.int64) * keys_per_split
     key_stop = tl.minimum(key_start + keys_per_split, key_end)
     q_label = row_labels(q_label_ptr, rows, B, CLASS_LEVEL)
@@ -80,11 +66,10 @@ def circle_forward_kernel(
     scale2 = gamma * LOG2_E  # logit units (γ) to base-2 logits
     for n0 in range(key_start, key_stop, BLOCK_N):
         keys = n0 + tl.arange(0, BLOCK_N)
-        # S tile: raw products on the tensor cores, normalised in the float32 accumulator
+        # S tile in units of 1/‖q_i‖: raw products on the tensor cores, the keys' norms folded in
         dots = dot_tile(q_ptr, k_ptr, q_desc, k_desc, rows_start, n0, B, N, D, stride_qb, stride_qd, stride_kn,
                         stride_kd, BLOCK_B, BLOCK_N, BLOCK_D, EVEN_D, TMA, DOT_PRECISION)
-        inv_norm_k = tl.load(inv_norm_k_ptr + keys, mask=keys < N, other=0.0)
-        s = dots * inv_norm_k[None, :] * inv_norm_q[:, None]
+        t = dots * tl.load(inv_norm_k_ptr + keys, mask=keys < N, other=0.0)[None, :]
         # masks: keys past N (only in the EDGE launch, the last partial tile) and the row's excluded key
         if EDGE:
             present = keys_in_bounds(n0, N, BLOCK_N)[None, :]
@@ -95,52 +80,56 @@ def circle_forward_kernel(
         is_pos = positive_pairs(q_label, column_labels(k_label_ptr, n0, N, BLOCK_N, CLASS_LEVEL), n0, CLASS_LEVEL)
         if CLASS_LEVEL:
             # negatives only: the row's own class is the positive, gathered after the loop
-            logit, _ = circle_epilogue(s, False, margin, True)
+            logit, _ = circle_epilogue(t, False, norm_q, inv_norm_q, margin, scale2, no_offset, no_offset,
+                                       no_offset, True)
             present = present & ~is_pos
             logit = tl.where(present, logit, float("-inf"))
-            if TRACK_TOP1:
-                top_neg = tl.maximum(top_neg, tl.max(tl.where(present, s, float("-inf")), axis=1))
+            if TRACK_TOP1:  # the largest t of a row is its largest s (1/‖q_i‖ > 0)
+                top_neg = tl.maximum(top_neg, tl.max(tl.where(present, t, float("-inf")), axis=1) * inv_norm_q)
             if NEGATIVE_SUM:
                 negative_sum += tl.sum(tl.where(present, logit, 0.0), axis=1)
             # online log-sum-exp in base 2: rescale the running sum to the new maximum, add this tile
-            max_neg, sum_neg, shift = _rescale(max_neg, sum_neg, tl.max(logit, axis=1) * scale2)
-            sum_neg += tl.sum(tl.exp2(tl.fma(logit, scale2, -shift[:, None])), axis=1)
+            max_neg, sum_neg, shift = _rescale(max_neg, sum_neg, tl.max(logit, axis=1))
+            sum_neg += tl.sum(tl.exp2(logit - shift[:, None]), axis=1)
         else:
-            logit, _ = circle_epilogue(s, is_pos, margin, True)
+            logit, _ = circle_epilogue(t, is_pos, norm_q, inv_norm_q, margin, scale2, no_offset, no_offset,
+                                       no_offset, True)
             logit = tl.where(present, logit, float("-inf"))
             if TRACK_TOP1:
-                top_pos = tl.maximum(top_pos, tl.max(tl.where(is_pos & present, s, float("-inf")), axis=1))
-                top_neg = tl.maximum(top_neg, tl.max(tl.where(~is_pos & present, s, float("-inf")), axis=1))
+                top_pos = tl.maximum(top_pos, tl.max(tl.where(is_pos & present, t, float("-inf")), axis=1)
+                                     * inv_norm_q)
+                top_neg = tl.maximum(top_neg, tl.max(tl.where(~is_pos & present, t, float("-inf")), axis=1)
+                                     * inv_norm_q)
             if NEGATIVE_SUM:
                 negative_sum += tl.sum(tl.where(~is_pos & present, logit, 0.0), axis=1)
-            # online log-sum-exp for each kind. Maxima: a row's logits lie within 4 of each other (u² - m²
-            # with u in [-1, 2] or constant, in units of γ), so logit ± 1024·f (f: 1 on positives) puts
-            # the other kind out of the way, without a select; a tile without this kind gives a finite
-            # maximum ~1024 below the other's, against which no term is summed
+            # online log-sum-exp for each kind. Maxima: a row's logits lie within 4γ of each other (u² - m²
+            # with u in [-1, 2] or constant, in units of γ), so logit ± 1024γ·f (f: 1 on positives, base 2)
+            # puts the other kind out of the way, without a select; a tile without this kind gives a finite
+            # maximum ~1024γ below the other's, against which no term is summed
             f = is_pos.to(tl.float32)
-            max_pos, sum_pos, shift_pos = _rescale(max_pos, sum_pos,
-                                                   (tl.max(tl.fma(f, 1024.0, logit), axis=1) - 1024.0) * scale2)
-            max_neg, sum_neg, shift_neg = _rescale(max_neg, sum_neg,
-                                                   tl.max(tl.fma(f, -1024.0, logit), axis=1) * scale2)
+            apart = 1024.0 * scale2
+            max_pos, sum_pos, shift_pos = _rescale(max_pos, sum_pos, tl.max(tl.fma(f, apart, logit), axis=1) - apart)
+            max_neg, sum_neg, shift_neg = _rescale(max_neg, sum_neg, tl.max(tl.fma(f, -apart, logit), axis=1))
             # then one exp2 per similarity against its own kind's maximum; the sums take their kind by
             # selects, so a NaN stays in its own kind (LP is -inf exactly when a row has no positive)
-            p = tl.exp2(tl.fma(logit, scale2, -tl.where(is_pos, shift_pos[:, None], shift_neg[:, None])))
+            p = tl.exp2(logit - tl.where(is_pos, shift_pos[:, None], shift_neg[:, None]))
             sum_pos += tl.sum(tl.where(is_pos, p, 0.0), axis=1)
             sum_neg += tl.sum(tl.where(is_pos, 0.0, p), axis=1)
     lse_pos = max_pos + tl.log2(sum_pos)
     if CLASS_LEVEL:
         if (split == 0) & (key_begin == 0):  # the first program of the first launch
-            s_pos, has_pos = _gathered_positive(q_ptr, k_ptr, inv_norm_k_ptr, rows, q_label, inv_norm_q, B, N, D,
-                                                stride_qb, stride_qd, stride_kn, stride_kd, BLOCK_B, BLOCK_D)
-            logit_pos, _ = circle_epilogue(s_pos, True, margin, True)
-            lse_pos = tl.where(has_pos, logit_pos * scale2, float("-inf"))
-            top_pos = tl.where(has_pos, s_pos, float("-inf"))
+            t_pos, has_pos = gathered_positive(q_ptr, k_ptr, inv_norm_k_ptr, rows, q_label, B, N, D, stride_qb,
+                                               stride_qd, stride_kn, stride_kd, BLOCK_B, BLOCK_D)
+            logit_pos, _ = circle_epilogue(t_pos[:, None], True, norm_q, inv_norm_q, margin, scale2, no_offset,
+                                           no_offset, no_offset, True)
+            lse_pos = tl.where(has_pos, tl.sum(logit_pos, axis=1), float("-inf"))
+            top_pos = tl.where(has_pos, t_pos * inv_norm_q, float("-inf"))
     out = split.to(tl.int64) * B + rows
     # back to natural units (LP, LN are log-sum-exps of u and v)
     tl.store(lse_pos_ptr + out, lse_pos * LN_2, mask=rows < B)
     tl.store(lse_neg_ptr + out, (max_neg + tl.log2(sum_neg)) * LN_2, mask=rows < B)
-    if NEGATIVE_SUM:  # (splits, B), in natural units: γ·Σ v/γ
-        tl.store(negative_sum_ptr + out, negative_sum * gamma, mask=rows < B)
+    if NEGATIVE_SUM:  # (splits, B), in natural units: γ·Σ v/γ = ln 2 · Σ of the base-2 logits
+        tl.store(negative_sum_ptr + out, negative_sum * LN_2, mask=rows < B)
     if TRACK_TOP1:  # top: (splits, 2, B)
         top_row = top_ptr + 2 * split.to(tl.int64) * B + rows
         tl.store(top_row, top_pos, mask=rows < B)

@@ -32,6 +32,7 @@ def _tiles(b, n, d, warps, stages, **constexprs):
 
 _ELEMENTWISE = {
     "inv_norm": LaunchConfig({"BLOCK_R": 16, "BLOCK_D": 128}, 4, 1),
+    "positive_gradient": LaunchConfig({"BLOCK_B": 16, "BLOCK_D": 128}, 4, 1),
 }
 
 # (arch family, operand width) -> kernel -> config. "16" covers bf16 and fp16, "32" fp32.
@@ -83,6 +84,7 @@ _INTERPRETER = {
     "grad_queries": _tiles(16, 32, 16, 4, 1),
     "grad_keys": _tiles(16, 32, 16, 4, 1),
     "inv_norm": LaunchConfig({"BLOCK_R": 16, "BLOCK_D": 16}, 4, 1),
+    "positive_gradient": LaunchConfig({"BLOCK_B": 16, "BLOCK_D": 16}, 4, 1),
 }
 # Programs to aim for per launch, as a multiple of the SM count (the interpreter: a fixed small number,
 # enough to exercise several key splits).

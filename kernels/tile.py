@@ -66,11 +66,15 @@ def dot_tile(q_ptr, k_ptr, q_desc, k_desc, row0, key0, B, N, D, stride_qb, strid
 
 
 @triton.jit
-def circle_epilogue(s, is_pos, margin, DETACH_ALPHA: tl.constexpr):
-    """The Circle Loss formula on similarities s: the one place α, Δ and the margin are written.
+def circle_epilogue(t, is_pos, norm_q, inv_norm_q, margin, logit_scale, offset_pos, offset_neg, slope_scale,
+                    DETACH_ALPHA: tl.constexpr):
+    """The Circle Loss formula on a tile: the one place α, Δ and the margin are written.
 
-    is_pos: a tile of b_j == a_i, or a constant True / False for a tile of one kind.
-    Returns (logit, slope) in units of γ, which callers fold into their own constants:
+    t: q_i · k̂_j, the raw query against the normalised key (s_ij = t_ij / ‖q_i‖), float32;
+    is_pos: a tile of b_j == a_i, or a constant True / False for a tile of one kind;
+    norm_q, inv_norm_q: ‖q_i‖ and 1/‖q_i‖ (BLOCK_B,), finite (rows past B pass 1);
+    logit_scale: a scalar; offset_pos, offset_neg, slope_scale: (BLOCK_B,) row terms.
+    Returns (logit · logit_scale - offset of the element's kind, slope · slope_scale), where
       logit  u_ij / γ = -α^p·(s - Δ_p) on positives, v_ij / γ = α^n·(s - Δ_n) on negatives; masks
              (bounds, labels, excluded keys) are the caller's;
       slope  (d logit / d s) / γ: -α^p and α^n with α detached; otherwise -2(1 - s)·[α^p > 0] and
@@ -81,17 +85,51 @@ def circle_epilogue(s, is_pos, margin, DETACH_ALPHA: tl.constexpr):
     α^p = relu(O_p - s) = relu((1 - s) + m), Δ_p - s = (1 - s) - m with O_p = 1 + m, Δ_p = 1 - m, and
     α^n = relu(s - O_n) = relu(s + m), s - Δ_n = s - m with O_n = -m, Δ_n = m. dr/ds = ∓1.
     With u = max(r, -m), α = u + m and the logit α·(r - m) is (u + m)(u - m) = u² - m² (0 where α is
-    clipped): one max and one fma.
+    clipped). The tile is held in units of 1/‖q_i‖, so that s is never formed: y = ‖q_i‖·r (t on
+    negatives, ‖q_i‖ - t on positives) and v = max(y, -m‖q_i‖) = ‖q_i‖·u, so the scaled logit is one
+    multiply and one fma, v·(v·logit_scale/‖q_i‖²) - (logit_scale·m² + offset), and the detached slope
+    one fma, ±(v·slope_scale/‖q_i‖ + m·slope_scale), with the row terms folded per row.
     """
-    r = tl.where(is_pos, 1.0 - s, s)
-    u = tl.maximum(r, -margin, propagate_nan=tl.PropagateNan.ALL)  # NaN in s stays NaN
-    logit = tl.fma(u, u, -margin * margin)
-    if DETACH_ALPHA:
-        alpha = u + margin
-        slope = tl.where(is_pos, -alpha, alpha)
-    else:  # d((r + m)·(r - m))/dr = 2r where α is not clipped (r > -m, so u = r)
-        slope = tl.where(r > -margin, tl.where(is_pos, -2.0 * u, 2.0 * u), 0.0)
+    y = tl.where(is_pos, norm_q[:, None] - t, t)
+    threshold = -margin * norm_q  # -m in units of 1/‖q_i‖
+    v = tl.maximum(y, threshold[:, None], propagate_nan=tl.PropagateNan.ALL)  # NaN in t stays NaN
+    curvature = logit_scale * inv_norm_q * inv_norm_q
+    constant = logit_scale * margin * margin
+    logit = tl.fma(v, v * curvature[:, None],
+                   -tl.where(is_pos, (offset_pos + constant)[:, None], (offset_neg + constant)[:, None]))
+    if DETACH_ALPHA:  # ∓α·slope_scale = ∓(v·(slope_scale/‖q_i‖) + m·slope_scale)
+        per_v = inv_norm_q * slope_scale
+        at_zero = margin * slope_scale
+        slope = tl.where(is_pos, tl.fma(v, -per_v[:, None], -at_zero[:, None]),
+                         tl.fma(v, per_v[:, None], at_zero[:, None]))
+    else:  # d((r + m)·(r - m))/dr = 2r = 2v/‖q_i‖ where α is not clipped (y above the threshold)
+        per_v = 2.0 * inv_norm_q * slope_scale
+        slope = tl.where(y > threshold[:, None], v * tl.where(is_pos, -per_v[:, None], per_v[:, None]), 0.0)
     return logit, slope
+
+
+@triton.jit
+def gathered_positive(q_ptr, k_ptr, inv_norm_k_ptr, rows, q_label, B, N, D, stride_qb, stride_qd, stride_kn,
+                      stride_kd, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr):
+    """(t_{i,a_i} = q_i · k̂_{a_i}, has_pos) for class-level rows, O(BLOCK_B·D): the one positive of each
+    row, its class (t is 0 where a_i is no key: such a row has no positive)."""
+    has_pos = (rows < B) & (q_label >= 0) & (q_label < N)
+    key = tl.where(has_pos, q_label, 0).to(tl.int64)
+    dot = tl.zeros((BLOCK_B,), tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        dims = (d0 + tl.arange(0, BLOCK_D)).to(tl.int64)
+        mask = has_pos[:, None] & (dims < D)[None, :]
+        q = tl.load(q_ptr + rows[:, None] * stride_qb + dims[None, :] * stride_qd, mask=mask, other=0.0)
+        k = tl.load(k_ptr + key[:, None] * stride_kn + dims[None, :] * stride_kd, mask=mask, other=0.0)
+        dot += tl.sum(q.to(tl.float32) * k.to(tl.float32), axis=1)
+    return dot * tl.load(inv_norm_k_ptr + key), has_pos
+
+
+@triton.jit
+def query_norms(inv_norm_q_ptr, rows, B):
+    """(‖q_i‖, 1/‖q_i‖) as circle_epilogue takes them: 1 for rows past B, so their terms stay finite."""
+    inv_norm_q = tl.load(inv_norm_q_ptr + rows, mask=rows < B, other=1.0)
+    return 1.0 / inv_norm_q, inv_norm_q
 
 
 @triton.jit

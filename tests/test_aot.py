@@ -11,7 +11,7 @@ import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KERNELS = {"inv_norm_kernel", "circle_forward_kernel", "circle_grad_similarity_kernel",
-           "circle_grad_queries_kernel", "circle_grad_keys_kernel"}
+           "circle_positive_gradient_kernel", "circle_grad_queries_kernel", "circle_grad_keys_kernel"}
 KEYS = {"kernel", "arch", "config", "registers", "spill_bytes", "shared_bytes", "mma_flops_per_tile",
         "issue_to_mma", "sync_waits", "sass"}
 # The matrix-product flops of one iteration of each kernel's outer loop: a BLOCK_B × BLOCK_N tile of S
@@ -100,7 +100,7 @@ def test_no_synchronous_wgmma_waits_in_16_bit_loops(report):
 def test_matrix_products_use_wgmma_on_sm90(report):
     _, rows, _ = report
     for row in rows:
-        if row["arch"] == 90 and row["kernel"].startswith("circle_"):
+        if row["arch"] == 90 and row["kernel"] in TILE_FLOPS:
             assert row["wgmma"], row
 
 
