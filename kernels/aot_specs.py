@@ -9,7 +9,8 @@ The argument types describe a typical large problem the way triton's JIT special
     compute row offsets in int64; B, N and R get no divisibility hint;
   * float scalars are fp32.
     (key_start and h_stride, the workspace's row stride, are multiples of the chunk alignment);
-Operands and the workspace H are bf16, fp16 or fp32; labels int64; norms, log-sum-exps, radial sums and
+Operands and the workspace H are bf16, fp16 or fp32; class-level labels int64, pair-wise ones int32
+(tile.dense_labels); norms, log-sum-exps, radial sums and
 partial sums float32.
 """
 from dataclasses import dataclass
@@ -95,13 +96,18 @@ def launches(dtypes=tuple(OPERAND_TYPES)) -> list[Launch]:
         precision = dot_precision(dtype)
         result.append(_launch("inv_norm", inv_norm_kernel, dtype, "", {"x_ptr": x}))
         for form, flags in _LABEL_FORMS.items():
+            # class-level labels index keys (int64, compared as int32); pair-wise ones are dense int32
+            labels = "i64" if flags["CLASS_LEVEL"] else "i32"
+            typed = {**circle, "q_label_ptr": labels, "k_label_ptr": labels}
             kernel = "forward" if flags["CLASS_LEVEL"] else "forward_pairwise"
-            result.append(_launch(kernel, circle_forward_kernel, dtype, form, circle,
+            result.append(_launch(kernel, circle_forward_kernel, dtype, form, typed,
                                   DOT_PRECISION=precision, TRACK_TOP1=False, NEGATIVE_SUM=False, EDGE=False, **flags))
             for detach in (True, False):
                 variant = f"{form} {'detach' if detach else 'full'}-alpha"
-                result.append(_launch("grad_similarity", circle_grad_similarity_kernel, dtype, variant,
-                                      {**circle, "h_ptr": x}, DETACH_ALPHA=detach, NEED_RADIAL=True,
+                preset = ("grad_similarity_pairwise" if not flags["CLASS_LEVEL"] else
+                          "grad_similarity" if detach else "grad_similarity_full")
+                result.append(_launch(preset, circle_grad_similarity_kernel, dtype, variant,
+                                      {**typed, "h_ptr": x}, DETACH_ALPHA=detach, NEED_RADIAL=True,
                                       LABEL_SMOOTHING=False, EDGE=False,
                                       DOT_PRECISION=precision, **flags))
         for detach in (True, False):

@@ -77,7 +77,10 @@ def circle_backward(grad_rows, queries, keys, query_labels, key_labels, inv_norm
     smoothing = smooth_pos != 0.0 or smooth_neg != 0.0
     grad_scale = _grad_scale(h_dtype, row_scale, grad_rows, max(abs(smooth_pos), abs(smooth_neg)), inv_norm_q,
                              inv_norm_k, margin, gamma)
-    similarity_cfg = tile_config("grad_similarity", queries)
+    # class-level keys with α detached (face training's default) take the widest tiles; the true
+    # derivative's and pair-wise epilogues hold more per similarity
+    similarity_cfg = tile_config("grad_similarity_pairwise" if key_labels is not None else
+                                 "grad_similarity" if detach_alpha else "grad_similarity_full", queries)
     queries_cfg = tile_config("grad_queries", queries)
     keys_cfg = tile_config("grad_keys", queries)
     block_n = similarity_cfg.blocks["BLOCK_N"]

@@ -37,17 +37,21 @@ _ELEMENTWISE = {
 
 # (arch family, operand width) -> kernel -> config. "16" covers bf16 and fp16, "32" fp32.
 # forward (class-level; forward_pairwise for pair-wise labels, whose epilogue is twice as long) and
-# grad_similarity tile S (BLOCK_B × BLOCK_N, D in BLOCK_D chunks); grad_queries is the
-# product H · K (BLOCK_B × BLOCK_D outputs, BLOCK_N keys a step); grad_keys is Hᵀ · Q (BLOCK_N × BLOCK_D
-# outputs, BLOCK_B rows a step).
+# grad_similarity tile S (BLOCK_B × BLOCK_N, D in BLOCK_D chunks); grad_similarity is the class-level
+# tile with α detached (face training's default), grad_similarity_full the class-level true derivative,
+# grad_similarity_pairwise both pair-wise modes. grad_queries is the product H · K (BLOCK_B × BLOCK_D
+# outputs, BLOCK_N keys a step); grad_keys is Hᵀ · Q (BLOCK_N × BLOCK_D outputs, BLOCK_B rows a step).
+# tile_config narrows BLOCK_D to what D needs.
 PRESETS = {
     ("sm90", "16"): {  # measured on an H200: benchmarks/tune_presets.py, results/nvidia-h200_*-tune_presets.txt,
-        # except the tile kernels', chosen offline for the TMA kernels (aot, triton 3.9 / 3.6, no spills,
-        # two blocks an SM): issue_to_mma forward 0.54 / 0.58, forward_pairwise 1.06-1.15 / 1.10-1.17,
-        # grad_similarity 1.18-1.30 / 1.27-1.43
+        # except the tile kernels', chosen offline for the TMA kernels (aot, triton 3.9 / 3.6, no spills):
+        # issue_to_mma forward 0.53 / 0.58, forward_pairwise 1.04-1.11 / 0.98-1.10, grad_similarity
+        # 0.64 / 0.62, grad_similarity_full 0.78 / 0.76, grad_similarity_pairwise 0.96-1.16 / 0.95-1.15
         "forward": _tiles(64, 256, 64, 4, 2),
         "forward_pairwise": _tiles(64, 128, 128, 4, 2),
-        "grad_similarity": _tiles(64, 64, 128, 4, 3, RADIAL_TILE=True),
+        "grad_similarity": _tiles(64, 128, 256, 4, 2, RADIAL_TILE=True),
+        "grad_similarity_full": _tiles(64, 128, 256, 4, 2, RADIAL_TILE=True),
+        "grad_similarity_pairwise": _tiles(64, 64, 256, 4, 2, RADIAL_TILE=True),
         "grad_queries": _tiles(128, 64, 256, 8, 3),
         "grad_keys": _tiles(64, 128, 256, 8, 3),
         **_ELEMENTWISE,
@@ -56,6 +60,8 @@ PRESETS = {
         "forward": _tiles(128, 64, 32, 8, 3),
         "forward_pairwise": _tiles(128, 64, 32, 8, 3),
         "grad_similarity": _tiles(64, 64, 32, 4, 3, RADIAL_TILE=True),
+        "grad_similarity_full": _tiles(64, 64, 32, 4, 3, RADIAL_TILE=True),
+        "grad_similarity_pairwise": _tiles(64, 64, 32, 4, 3, RADIAL_TILE=True),
         "grad_queries": _tiles(64, 32, 64, 4, 3),
         "grad_keys": _tiles(32, 64, 64, 4, 3),
         **_ELEMENTWISE,
@@ -64,6 +70,8 @@ PRESETS = {
         "forward": _tiles(128, 128, 32, 8, 3),
         "forward_pairwise": _tiles(128, 128, 32, 8, 3),
         "grad_similarity": _tiles(128, 64, 64, 8, 2, RADIAL_TILE=False),
+        "grad_similarity_full": _tiles(128, 64, 64, 8, 2, RADIAL_TILE=False),
+        "grad_similarity_pairwise": _tiles(128, 64, 64, 8, 2, RADIAL_TILE=False),
         "grad_queries": _tiles(128, 32, 128, 8, 3),
         "grad_keys": _tiles(32, 128, 128, 8, 3),
         **_ELEMENTWISE,
@@ -72,6 +80,8 @@ PRESETS = {
         "forward": _tiles(128, 64, 32, 8, 3),
         "forward_pairwise": _tiles(128, 64, 32, 8, 3),
         "grad_similarity": _tiles(32, 64, 16, 4, 3, RADIAL_TILE=False),
+        "grad_similarity_full": _tiles(32, 64, 16, 4, 3, RADIAL_TILE=False),
+        "grad_similarity_pairwise": _tiles(32, 64, 16, 4, 3, RADIAL_TILE=False),
         "grad_queries": _tiles(64, 16, 64, 4, 3),
         "grad_keys": _tiles(16, 64, 64, 4, 3),
         **_ELEMENTWISE,
@@ -81,6 +91,8 @@ _INTERPRETER = {
     "forward": _tiles(16, 32, 16, 4, 1),
     "forward_pairwise": _tiles(16, 32, 16, 4, 1),
     "grad_similarity": _tiles(16, 32, 16, 4, 1, RADIAL_TILE=False),
+    "grad_similarity_full": _tiles(16, 32, 16, 4, 1, RADIAL_TILE=False),
+    "grad_similarity_pairwise": _tiles(16, 32, 16, 4, 1, RADIAL_TILE=False),
     "grad_queries": _tiles(16, 32, 16, 4, 1),
     "grad_keys": _tiles(16, 32, 16, 4, 1),
     "inv_norm": LaunchConfig({"BLOCK_R": 16, "BLOCK_D": 16}, 4, 1),
@@ -124,9 +136,13 @@ def operand_width(dtype: torch.dtype) -> str:
 
 
 def tile_config(kernel: str, x: torch.Tensor) -> LaunchConfig:
-    if interpreting():
-        return _INTERPRETER[kernel]
-    return PRESETS[(_family(x), operand_width(x.dtype))][kernel]
+    """The preset of `kernel` for operands like x (rows of D = x.shape[1]), its BLOCK_D no wider than D
+    needs (the next power of two, at least 16): a D = 128 problem does not pay for 256-wide chunks of zeros."""
+    config = _INTERPRETER[kernel] if interpreting() else PRESETS[(_family(x), operand_width(x.dtype))][kernel]
+    depth = max(16, triton.next_power_of_2(x.shape[1]))
+    if config.blocks.get("BLOCK_D", 0) <= depth:
+        return config
+    return LaunchConfig({**config.blocks, "BLOCK_D": depth}, config.num_warps, config.num_stages)
 
 
 def _family(x: torch.Tensor) -> str:

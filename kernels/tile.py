@@ -102,9 +102,13 @@ def circle_epilogue(t, is_pos, norm_q, inv_norm_q, margin, logit_scale, offset_p
         at_zero = margin * slope_scale
         slope = tl.where(is_pos, tl.fma(v, -per_v[:, None], -at_zero[:, None]),
                          tl.fma(v, per_v[:, None], at_zero[:, None]))
-    else:  # d((r + m)·(r - m))/dr = 2r = 2v/‖q_i‖ where α is not clipped (y above the threshold)
+    else:  # d((r + m)·(r - m))/dr = 2r = 2v/‖q_i‖ where α is not clipped (v above the threshold)
         per_v = 2.0 * inv_norm_q * slope_scale
-        slope = tl.where(y > threshold[:, None], v * tl.where(is_pos, -per_v[:, None], per_v[:, None]), 0.0)
+        # [v > threshold] without a predicate (64 live predicates a thread cost more than the two
+        # instructions): v - threshold is 0 where α is clipped and a normal float otherwise, 2^126 lifts it
+        # past 1. (m = 0: the threshold is 0 and a denormal v gives a fraction of a slope that is 0 anyway.)
+        unclipped = tl.minimum((v - threshold[:, None]) * 8.507059173023462e37, 1.0)
+        slope = v * tl.where(is_pos, -per_v[:, None], per_v[:, None]) * unclipped
     return logit, slope
 
 
@@ -181,17 +185,31 @@ def excluded_pairs(excluded_key, first_key, BLOCK_N: tl.constexpr):
     return (excluded_key - first_key).to(tl.int32)[:, None] == tl.arange(0, BLOCK_N)[None, :]
 
 
+def dense_labels(query_labels: torch.Tensor, key_labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pair-wise labels as int32 (B,) and (N,) that are equal exactly where the int64 labels are: each
+    label's first position among all B + N sorted, so a tile compares them with one 32-bit compare. A
+    sort and a search of B + N integers, without a host synchronisation."""
+    both = query_labels if key_labels is query_labels else torch.cat([query_labels, key_labels])
+    ordered = both.sort().values
+    return (torch.searchsorted(ordered, query_labels).to(torch.int32),
+            torch.searchsorted(ordered, key_labels).to(torch.int32))
+
+
 def problem_arguments(queries: torch.Tensor, keys: torch.Tensor, query_labels: torch.Tensor, key_labels,
                       inv_norm_q: torch.Tensor, inv_norm_k: torch.Tensor, margin: float, gamma: float,
                       excluded_keys) -> dict:
     """The keyword arguments every circle_* tile kernel takes about the problem: operands (read through
     their strides), labels, inverse norms, m, γ, the label form (key_labels None: class-level
-    keys, b_j = j) and each row's excluded key (None: none). Labels (B or N int64) and excluded keys
-    are passed contiguous, as the kernels index them: a column slice or an expanded tensor is copied."""
+    keys, b_j = j) and each row's excluded key (None: none). Class-level labels (B int64) and excluded
+    keys are passed contiguous, as the kernels index them (a column slice or an expanded tensor is
+    copied); pair-wise labels as dense_labels."""
     B, D = queries.shape
+    if key_labels is None:
+        q_labels, k_labels = query_labels.contiguous(), query_labels.contiguous()
+    else:
+        q_labels, k_labels = dense_labels(query_labels, key_labels)
     return dict(
-        q_ptr=queries, k_ptr=keys, q_label_ptr=query_labels.contiguous(),
-        k_label_ptr=(key_labels if key_labels is not None else query_labels).contiguous(),
+        q_ptr=queries, k_ptr=keys, q_label_ptr=q_labels, k_label_ptr=k_labels,
         inv_norm_q_ptr=inv_norm_q, inv_norm_k_ptr=inv_norm_k,
         B=B, N=keys.shape[0], D=D, stride_qb=queries.stride(0), stride_qd=queries.stride(1),
         stride_kn=keys.stride(0), stride_kd=keys.stride(1), margin=margin, gamma=gamma,

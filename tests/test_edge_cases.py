@@ -297,3 +297,30 @@ def test_sm90_presets_under_the_interpreter(dtype, D, monkeypatch):
     check_against_reference(cl.circle_loss, (emb, weight, labels), "triton", dtype=dtype, reduction="sum",
                             detach_alpha=False)
     check_against_reference(cl.pairwise_circle_loss, (emb, labels % 5), "triton", dtype=dtype)
+
+
+@pytest.mark.parametrize("form", ["batch", "reference set"])
+def test_pairwise_labels_past_int32(form, fused):
+    """The Triton kernels compare pair-wise labels as dense int32 ids (tile.dense_labels): labels past
+    2^31, negative ones and two that differ only in their high 32 bits keep exactly their pairs."""
+    emb, ref, labels, ref_labels = make_inputs(29, 41, 20, num_labels=5, device=device_for(fused))
+    spread = torch.tensor([-(2 ** 62), -1, 2 ** 31, 2 ** 40, 2 ** 40 + 2 ** 32], device=labels.device)
+    labels, ref_labels = spread[labels], spread[ref_labels]
+    if form == "batch":
+        check_against_reference(cl.pairwise_circle_loss, (emb, labels), fused, reduction="none")
+    else:
+        def against(e, y, r, ry, **kw):
+            return cl.pairwise_circle_loss(e, y, ref_embeddings=r, ref_labels=ry, **kw)
+        check_against_reference(against, (emb, labels, ref, ref_labels), fused, reduction="none")
+
+
+def test_dense_labels_keep_equality():
+    from circleloss_ext.kernels.tile import dense_labels
+    queries = torch.tensor([7, 2 ** 40, -3, 7, 2 ** 40 + 2 ** 32])
+    keys = torch.tensor([2 ** 40 + 2 ** 32, 7, 9, 2 ** 40])
+    dense_q, dense_k = dense_labels(queries, keys)
+    assert dense_q.dtype == dense_k.dtype == torch.int32
+    assert torch.equal(dense_q[:, None] == dense_k[None, :], queries[:, None] == keys[None, :])
+    assert torch.equal(dense_q[:, None] == dense_q[None, :], queries[:, None] == queries[None, :])
+    same, _ = dense_labels(queries, queries)  # in-batch: one tensor for both sides
+    assert torch.equal(same[:, None] == same[None, :], queries[:, None] == queries[None, :])
