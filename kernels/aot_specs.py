@@ -29,11 +29,15 @@ _FLOAT_SCALARS = {"margin", "gamma", "eps", "smooth_pos", "smooth_neg"}
 _UNIT_STRIDES = {"stride_qd", "stride_kd", "stride_d"}
 _MULTIPLES_OF_16 = {"D", "stride_qb", "stride_kn", "stride_r", "keys_per_split", "key_start", "h_stride",
                     "rows_per_split"}
-# Label forms: class-level keys (rows of W), pair-wise against a reference set, pair-wise within the batch.
+# Label forms: class-level keys (rows of W), pair-wise against a reference set, pair-wise within the batch
+# (tiles that may hold positives: all of an unsorted problem's, a sorted one's mixed tiles), and the
+# negatives-only tiles of a sorted problem (label_order.py: from 512 rows), class-level and pair-wise.
 _LABEL_FORMS = {
     "class-level": {"CLASS_LEVEL": True, "EXCLUDE_KEY": False},
+    "class-level negative tiles": {"CLASS_LEVEL": True, "EXCLUDE_KEY": False, "TILES": "negative"},
     "pair-wise": {"CLASS_LEVEL": False, "EXCLUDE_KEY": False},
     "pair-wise exclude-self": {"CLASS_LEVEL": False, "EXCLUDE_KEY": True},
+    "pair-wise negative tiles": {"CLASS_LEVEL": False, "EXCLUDE_KEY": True, "TILES": "negative"},
 }
 
 
@@ -98,17 +102,21 @@ def launches(dtypes=tuple(OPERAND_TYPES)) -> list[Launch]:
         for form, flags in _LABEL_FORMS.items():
             # class-level labels index keys (int64, compared as int32); pair-wise ones are dense int32
             labels = "i64" if flags["CLASS_LEVEL"] else "i32"
-            typed = {**circle, "q_label_ptr": labels, "k_label_ptr": labels}
-            kernel = "forward" if flags["CLASS_LEVEL"] else "forward_pairwise"
-            result.append(_launch(kernel, circle_forward_kernel, dtype, form, typed,
-                                  DOT_PRECISION=precision, TRACK_TOP1=False, NEGATIVE_SUM=False, EDGE=False, **flags))
+            typed = {**circle, "q_label_ptr": labels, "k_label_ptr": labels, "mixed_ptr": "i32"}
+            flags = dict(flags)
+            tiles = flags.pop("TILES", "all")
+            # negatives-only tiles run with the class-level presets (label_order.py)
+            class_presets = flags["CLASS_LEVEL"] or tiles == "negative"
+            kernel = "forward" if class_presets else "forward_pairwise"
+            result.append(_launch(kernel, circle_forward_kernel, dtype, form, typed, DOT_PRECISION=precision,
+                                  TRACK_TOP1=False, NEGATIVE_SUM=False, EDGE=False, TILES=tiles, **flags))
             for detach in (True, False):
                 variant = f"{form} {'detach' if detach else 'full'}-alpha"
-                preset = ("grad_similarity_pairwise" if not flags["CLASS_LEVEL"] else
+                preset = ("grad_similarity_pairwise" if not class_presets else
                           "grad_similarity" if detach else "grad_similarity_full")
                 result.append(_launch(preset, circle_grad_similarity_kernel, dtype, variant,
                                       {**typed, "h_ptr": x}, DETACH_ALPHA=detach, NEED_RADIAL=True,
-                                      LABEL_SMOOTHING=False, EDGE=False,
+                                      LABEL_SMOOTHING=False, EDGE=False, TILES=tiles,
                                       DOT_PRECISION=precision, **flags))
         for detach in (True, False):
             result.append(_launch("positive_gradient", circle_positive_gradient_kernel, dtype,

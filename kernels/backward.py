@@ -18,6 +18,7 @@ import triton
 from .grad_keys import circle_grad_keys_kernel
 from .grad_queries import circle_grad_queries_kernel
 from .grad_similarity import circle_grad_similarity_kernel, circle_positive_gradient_kernel
+from .label_order import label_order, mixed_key_ranges
 from .presets import dot_precision, splits_to_fill, tile_config
 from .tile import edge_ranges, operand_loads, problem_arguments, workspace_descriptor
 
@@ -69,6 +70,11 @@ def circle_backward(grad_rows, queries, keys, query_labels, key_labels, inv_norm
     grad_rows: float32 (B,) upstream gradient g_i of each row loss L_i = softplus(LP_i + LN_i)
     - smooth_pos·LP_i - smooth_neg·V_i (label smoothing: V_i the sum of the row's negative logits).
     """
+    order = label_order(query_labels, key_labels)
+    if order is not None:  # as the forward sorted it (label_order.py); the gradients are put back at the end
+        queries, keys, query_labels, key_labels, inv_norm_q, inv_norm_k, excluded_keys = order.sort(
+            queries, keys, query_labels, key_labels, inv_norm_q, inv_norm_k, excluded_keys)
+        grad_rows, lse_pos, lse_neg = grad_rows[order.rows], lse_pos[order.rows], lse_neg[order.rows]
     problem = problem_arguments(queries, keys, query_labels, key_labels, inv_norm_q, inv_norm_k, margin, gamma,
                                 excluded_keys)
     B, N, D = problem["B"], problem["N"], problem["D"]
@@ -78,22 +84,36 @@ def circle_backward(grad_rows, queries, keys, query_labels, key_labels, inv_norm
     grad_scale = _grad_scale(h_dtype, row_scale, grad_rows, max(abs(smooth_pos), abs(smooth_neg)), inv_norm_q,
                              inv_norm_k, margin, gamma)
     # class-level keys with α detached (face training's default) take the widest tiles; the true
-    # derivative's and pair-wise epilogues hold more per similarity
-    similarity_cfg = tile_config("grad_similarity_pairwise" if key_labels is not None else
-                                 "grad_similarity" if detach_alpha else "grad_similarity_full", queries)
+    # derivative's and pair-wise epilogues hold more per similarity. A sorted problem's tiles run in two
+    # launches: negatives-only tiles, with the class-level presets, and the mixed ones (same BLOCK_B).
+    class_level = "grad_similarity" if detach_alpha else "grad_similarity_full"
+    if order is None:
+        kinds = {"all": tile_config("grad_similarity_pairwise" if key_labels is not None else class_level, queries)}
+    else:
+        kinds = {"negative": tile_config(class_level, queries),
+                 "mixed": tile_config("grad_similarity_pairwise" if key_labels is not None else class_level, queries)}
     queries_cfg = tile_config("grad_queries", queries)
     keys_cfg = tile_config("grad_keys", queries)
-    block_n = similarity_cfg.blocks["BLOCK_N"]
     # grad_similarity splits the rows as far as it takes N's key tiles to fill the device: one split for
     # the whole call, whatever the chunk, so the radial sums (and so the key gradients) are the same
-    # bits at any workspace limit; each split writes one row of radial partials per key
-    row_splits, rows_per_split = splits_to_fill(B, triton.cdiv(N, block_n), similarity_cfg.blocks["BLOCK_B"],
-                                                queries)
-    align = math.lcm(block_n, queries_cfg.blocks["BLOCK_N"], keys_cfg.blocks["BLOCK_N"])
-    chunk = chunk_keys(B, N, h_dtype, row_splits, align, need_keys)
+    # bits at any workspace limit; each split of each launch writes one row of radial partials per key
+    launches, radial_rows = [], 0
+    for tiles, cfg in kinds.items():
+        row_splits, rows_per_split = splits_to_fill(B, triton.cdiv(N, cfg.blocks["BLOCK_N"]), cfg.blocks["BLOCK_B"],
+                                                    queries)
+        launches.append((tiles, cfg, row_splits, rows_per_split, radial_rows))
+        radial_rows += row_splits
+    block_ns = [cfg.blocks["BLOCK_N"] for cfg in kinds.values()]
+    align = math.lcm(*block_ns, queries_cfg.blocks["BLOCK_N"], keys_cfg.blocks["BLOCK_N"])
+    chunk = chunk_keys(B, N, h_dtype, radial_rows, align, need_keys)
     device = queries.device
     h = torch.empty(B, chunk, device=device, dtype=h_dtype)
-    radial = torch.empty(row_splits, chunk, device=device, dtype=torch.float32) if need_keys else h
+    radial = torch.empty(radial_rows, chunk, device=device, dtype=torch.float32) if need_keys else h
+    if order is not None:  # per row block, the key range of its mixed tiles, in whole tiles of both kinds
+        mixed = mixed_key_ranges(problem["q_label_ptr"], None if key_labels is None else problem["k_label_ptr"], N,
+                                 excluded_keys, kinds["mixed"].blocks["BLOCK_B"], math.lcm(*block_ns))
+    else:
+        mixed = torch.empty(0, device=device, dtype=torch.int32)
     raw_q = torch.zeros(B, D, device=device, dtype=torch.float32) if need_queries else None
     grad_k = torch.empty(N, D, device=device, dtype=keys.dtype) if need_keys else None
     precision = dot_precision(h_dtype)
@@ -111,19 +131,21 @@ def circle_backward(grad_rows, queries, keys, query_labels, key_labels, inv_norm
             stride_qb=queries.stride(0), stride_qd=queries.stride(1), stride_kn=keys.stride(0),
             stride_kd=keys.stride(1), margin=margin, gamma=gamma, smooth_pos=smooth_pos, smooth_neg=smooth_neg,
             DETACH_ALPHA=detach_alpha, LABEL_SMOOTHING=smoothing, **positive_cfg.kwargs())
-    similarity_loads = operand_loads(queries, keys, similarity_cfg)
-    h_desc = workspace_descriptor(h, similarity_cfg) if similarity_loads["TMA"] else None
+    loads = {tiles: operand_loads(queries, keys, cfg) for tiles, cfg, *_ in launches}
+    h_descs = {tiles: workspace_descriptor(h, cfg) if loads[tiles]["TMA"] else None for tiles, cfg, *_ in launches}
     for key_start in range(0, N, chunk):
         chunk_len = min(chunk, N - key_start)
         span = dict(key_start=key_start, chunk_len=chunk_len, h_stride=chunk)
-        for local_begin, local_end, edge in edge_ranges(chunk_len, block_n):
-            circle_grad_similarity_kernel[(triton.cdiv(local_end - local_begin, block_n), row_splits)](
-                **problem, lse_pos_ptr=lse_pos, lse_neg_ptr=lse_neg, row_scale_ptr=row_scale,
-                grad_rows_ptr=grad_rows, grad_scale_ptr=grad_scale, positive_ptr=positive, h_ptr=h, h_desc=h_desc,
-                radial_ptr=radial,
-                **span, local_begin=local_begin, rows_per_split=rows_per_split, smooth_pos=smooth_pos,
-                smooth_neg=smooth_neg, DETACH_ALPHA=detach_alpha, NEED_RADIAL=need_keys, LABEL_SMOOTHING=smoothing,
-                EDGE=edge, **similarity_loads, **similarity_cfg.kwargs())
+        for tiles, cfg, row_splits, rows_per_split, first_radial in launches:
+            block_n = cfg.blocks["BLOCK_N"]
+            for local_begin, local_end, edge in edge_ranges(chunk_len, block_n):
+                circle_grad_similarity_kernel[(triton.cdiv(local_end - local_begin, block_n), row_splits)](
+                    **problem, lse_pos_ptr=lse_pos, lse_neg_ptr=lse_neg, row_scale_ptr=row_scale,
+                    grad_rows_ptr=grad_rows, grad_scale_ptr=grad_scale, positive_ptr=positive, h_ptr=h,
+                    h_desc=h_descs[tiles], radial_ptr=radial[first_radial:] if need_keys else radial,
+                    mixed_ptr=mixed, **span, local_begin=local_begin, rows_per_split=rows_per_split,
+                    smooth_pos=smooth_pos, smooth_neg=smooth_neg, DETACH_ALPHA=detach_alpha, NEED_RADIAL=need_keys,
+                    LABEL_SMOOTHING=smoothing, EDGE=edge, TILES=tiles, **loads[tiles], **cfg.kwargs())
         if need_queries:
             splits, keys_per_split = splits_to_fill(chunk_len, q_tiles, queries_cfg.blocks["BLOCK_N"], queries)
             partial = partials[:splits]
@@ -149,4 +171,7 @@ def circle_backward(grad_rows, queries, keys, query_labels, key_labels, inv_norm
         q = queries.float()
         radial_q = (raw_q * q).sum(dim=1) * inv_norm_q * inv_norm_q
         grad_q = (raw_q - radial_q[:, None] * q).to(queries.dtype)
+    if order is not None:
+        grad_q = order.unsort_rows(grad_q) if need_queries else grad_q
+        grad_k = order.unsort_keys(grad_k) if need_keys else grad_k
     return grad_q, grad_k

@@ -14,14 +14,21 @@ similarity, against the running maximum of the kind it belongs to.
 The launcher runs the whole tiles of keys in one launch and the last partial tile in a second (EDGE:
 the only one whose epilogue masks keys past N); both write their own partials.
 
+A problem sorted by label (label_order.py) runs each of these launches twice: TILES "negative" walks
+the keys outside each row block's mixed range with the negatives-only epilogue (no labels, no masks;
+the class-level presets), "mixed" the keys inside it with the full one; unsorted, TILES "all".
+
 With TRACK_TOP1 the kernel also keeps each row's largest positive and largest negative similarity
 (the nearest key of each kind, for top-1 accuracy): one select and one max per similarity more.
 With NEGATIVE_SUM it keeps V_i, the sum of each row's negative logits, which label smoothing needs.
 """
+import math
+
 import torch
 import triton
 import triton.language as tl
 
+from .label_order import label_order, mixed_key_ranges
 from .presets import splits_to_fill, tile_config
 from .tile import (LN_2, LOG2_E, circle_epilogue, column_labels, dot_tile, edge_ranges, excluded_pairs,
                    gathered_positive, keys_in_bounds, operand_loads, positive_pairs, problem_arguments, query_norms,
@@ -39,11 +46,11 @@ def _rescale(run_max, run_sum, tile_max):
 @triton.jit
 def circle_forward_kernel(
     q_ptr, k_ptr, q_desc, k_desc, q_label_ptr, k_label_ptr, inv_norm_q_ptr, inv_norm_k_ptr, excluded_key_ptr,
-    lse_pos_ptr, lse_neg_ptr, top_ptr, negative_sum_ptr,
+    lse_pos_ptr, lse_neg_ptr, top_ptr, negative_sum_ptr, mixed_ptr,
     B, N, D, stride_qb, stride_qd, stride_kn, stride_kd, key_begin, key_end, keys_per_split,
     margin, gamma,
     CLASS_LEVEL: tl.constexpr, EXCLUDE_KEY: tl.constexpr, TRACK_TOP1: tl.constexpr, NEGATIVE_SUM: tl.constexpr,
-    EDGE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
+    EDGE: tl.constexpr, TILES: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
     TMA: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     split = tl.program_id(1)
@@ -60,11 +67,26 @@ def circle_forward_kernel(
     no_offset = tl.zeros((BLOCK_B,), tl.float32)
     key_start = key_begin + split.to(tl.int64) * keys_per_split
     key_stop = tl.minimum(key_start + keys_per_split, key_end)
-    q_label = row_labels(q_label_ptr, rows, B, CLASS_LEVEL)
-    if EXCLUDE_KEY:
+    # this program's tiles: all of its keys, or (TILES) those outside or inside the row block's mixed
+    # range, the key tiles that may hold a positive or an excluded key of one of its rows (mixed_key_ranges)
+    first, count, skip_at, skip = key_start, key_stop - key_start, key_stop, key_stop * 0
+    if TILES != "all":
+        mixed = mixed_ptr + 2 * tl.program_id(0)
+        mixed_lo = tl.minimum(tl.maximum(tl.load(mixed).to(tl.int64), key_start), key_stop)
+        mixed_hi = tl.minimum(tl.maximum(tl.load(mixed + 1).to(tl.int64), mixed_lo), key_stop)
+        if TILES == "mixed":
+            first, count = mixed_lo, mixed_hi - mixed_lo
+        else:  # the keys before the mixed range, then those after it
+            count, skip_at, skip = count - (mixed_hi - mixed_lo), mixed_lo, mixed_hi - mixed_lo
+    negatives_only: tl.constexpr = CLASS_LEVEL or TILES == "negative"
+    if TILES != "negative":
+        q_label = row_labels(q_label_ptr, rows, B, CLASS_LEVEL)
+    if EXCLUDE_KEY and not negatives_only:
         excluded_key = row_excluded_keys(excluded_key_ptr, rows, B)
     scale2 = gamma * LOG2_E  # logit units (γ) to base-2 logits
-    for n0 in range(key_start, key_stop, BLOCK_N):
+    for step in range(0, count, BLOCK_N):
+        n0 = first + step
+        n0 = tl.where(n0 >= skip_at, n0 + skip, n0)
         keys = n0 + tl.arange(0, BLOCK_N)
         # S tile in units of 1/‖q_i‖: raw products on the tensor cores, the keys' norms folded in
         dots = dot_tile(q_ptr, k_ptr, q_desc, k_desc, rows_start, n0, B, N, D, stride_qb, stride_qd, stride_kn,
@@ -75,14 +97,16 @@ def circle_forward_kernel(
             present = keys_in_bounds(n0, N, BLOCK_N)[None, :]
         else:
             present = tl.full((1, BLOCK_N), True, tl.int1)
-        if EXCLUDE_KEY:  # each row's own slot: i itself in-batch, or its slot in a memory
+        if EXCLUDE_KEY and not negatives_only:  # each row's own slot: i itself in-batch, or its slot in a memory
             present = present & ~excluded_pairs(excluded_key, n0, BLOCK_N)
-        is_pos = positive_pairs(q_label, column_labels(k_label_ptr, n0, N, BLOCK_N, CLASS_LEVEL), n0, CLASS_LEVEL)
-        if CLASS_LEVEL:
-            # negatives only: the row's own class is the positive, gathered after the loop
+        if negatives_only:
+            # negatives only: class-level tiles mask the row's own class (the positive, gathered after
+            # the loop); pair-wise tiles outside the mixed range hold no positive and no excluded key
             logit, _ = circle_epilogue(t, False, norm_q, inv_norm_q, margin, scale2, no_offset, no_offset,
                                        no_offset, True)
-            present = present & ~is_pos
+            if CLASS_LEVEL and TILES != "negative":
+                present = present & ~positive_pairs(q_label, column_labels(k_label_ptr, n0, N, BLOCK_N, True), n0,
+                                                    True)
             logit = tl.where(present, logit, float("-inf"))
             if TRACK_TOP1:  # the largest t of a row is its largest s (1/‖q_i‖ > 0)
                 top_neg = tl.maximum(top_neg, tl.max(tl.where(present, t, float("-inf")), axis=1) * inv_norm_q)
@@ -92,6 +116,7 @@ def circle_forward_kernel(
             max_neg, sum_neg, shift = _rescale(max_neg, sum_neg, tl.max(logit, axis=1))
             sum_neg += tl.sum(tl.exp2(logit - shift[:, None]), axis=1)
         else:
+            is_pos = positive_pairs(q_label, column_labels(k_label_ptr, n0, N, BLOCK_N, False), n0, False)
             logit, _ = circle_epilogue(t, is_pos, norm_q, inv_norm_q, margin, scale2, no_offset, no_offset,
                                        no_offset, True)
             logit = tl.where(present, logit, float("-inf"))
@@ -116,8 +141,8 @@ def circle_forward_kernel(
             sum_pos += tl.sum(tl.where(is_pos, p, 0.0), axis=1)
             sum_neg += tl.sum(tl.where(is_pos, 0.0, p), axis=1)
     lse_pos = max_pos + tl.log2(sum_pos)
-    if CLASS_LEVEL:
-        if (split == 0) & (key_begin == 0):  # the first program of the first launch
+    if CLASS_LEVEL and TILES != "negative":
+        if (split == 0) & (key_begin == 0):  # the first program of the first launch that holds positives
             t_pos, has_pos = gathered_positive(q_ptr, k_ptr, inv_norm_k_ptr, rows, q_label, B, N, D, stride_qb,
                                                stride_qd, stride_kn, stride_kd, BLOCK_B, BLOCK_D)
             logit_pos, _ = circle_epilogue(t_pos[:, None], True, norm_q, inv_norm_q, margin, scale2, no_offset,
@@ -141,28 +166,49 @@ def circle_forward(queries, keys, query_labels, key_labels, inv_norm_q, inv_norm
     """(LP, LN, top, V): float32 (B,) log-sum-exps over each row's positives and negatives (-inf if
     none); with track_top1, top (2, B) holds each row's largest positive and negative similarity (-inf
     if none); with negative_sum, V (B,) the sum of each row's negative logits; each empty otherwise."""
+    order = label_order(query_labels, key_labels)
+    if order is not None:  # sorted by label: most key tiles then hold negatives only (label_order.py)
+        queries, keys, query_labels, key_labels, inv_norm_q, inv_norm_k, excluded_keys = order.sort(
+            queries, keys, query_labels, key_labels, inv_norm_q, inv_norm_k, excluded_keys)
     problem = problem_arguments(queries, keys, query_labels, key_labels, inv_norm_q, inv_norm_k, margin, gamma,
                                 excluded_keys)
-    cfg = tile_config("forward" if key_labels is None else "forward_pairwise", queries)
-    B, N, block_n = problem["B"], problem["N"], cfg.blocks["BLOCK_N"]
-    row_blocks = triton.cdiv(B, cfg.blocks["BLOCK_B"])
-    launches = [(begin, end, edge, *splits_to_fill(end - begin, row_blocks, block_n, queries))
-                for begin, end, edge in edge_ranges(N, block_n)]
-    splits = sum(launch[3] for launch in launches)
+    mixed_preset = "forward" if key_labels is None else "forward_pairwise"
+    if order is None:
+        kinds = {"all": tile_config(mixed_preset, queries)}
+    else:  # negatives-only tiles take the class-level forward's tiles; the two share BLOCK_B (presets.py)
+        kinds = {"negative": tile_config("forward", queries), "mixed": tile_config(mixed_preset, queries)}
+    block_b = kinds["all" if order is None else "mixed"].blocks["BLOCK_B"]
+    B, N = problem["B"], problem["N"]
+    row_blocks = triton.cdiv(B, block_b)
+    if order is not None:  # per row block, the key range of its mixed tiles, in whole tiles of both kinds
+        mixed = mixed_key_ranges(problem["q_label_ptr"], None if key_labels is None else problem["k_label_ptr"], N,
+                                 excluded_keys, block_b, math.lcm(*(cfg.blocks["BLOCK_N"] for cfg in kinds.values())))
+    else:
+        mixed = torch.empty(0, device=queries.device, dtype=torch.int32)
+    launches = []
+    for tiles, cfg in kinds.items():
+        block_n = cfg.blocks["BLOCK_N"]
+        for begin, end, edge in edge_ranges(N, block_n):
+            launches.append((tiles, cfg, begin, end, edge, *splits_to_fill(end - begin, row_blocks, block_n, queries)))
+    splits = sum(launch[5] for launch in launches)
     partial_pos = torch.empty(splits, B, device=queries.device, dtype=torch.float32)
     partial_neg = torch.empty_like(partial_pos)
     top = torch.empty(splits if track_top1 else 0, 2, B, device=queries.device, dtype=torch.float32)
     partial_sum = torch.empty(splits if negative_sum else 0, B, device=queries.device, dtype=torch.float32)
-    loads = operand_loads(queries, keys, cfg)
     first = 0
-    for key_begin, key_end, edge, launch_splits, keys_per_split in launches:
+    for tiles, cfg, key_begin, key_end, edge, launch_splits, keys_per_split in launches:
         outputs = slice(first, first + launch_splits)
         circle_forward_kernel[(row_blocks, launch_splits)](
             **problem, lse_pos_ptr=partial_pos[outputs], lse_neg_ptr=partial_neg[outputs], top_ptr=top[outputs],
-            negative_sum_ptr=partial_sum[outputs], key_begin=key_begin, key_end=key_end,
-            keys_per_split=keys_per_split, TRACK_TOP1=track_top1, NEGATIVE_SUM=negative_sum, EDGE=edge, **loads,
-            **cfg.kwargs())
+            negative_sum_ptr=partial_sum[outputs], mixed_ptr=mixed, key_begin=key_begin, key_end=key_end,
+            keys_per_split=keys_per_split, TRACK_TOP1=track_top1, NEGATIVE_SUM=negative_sum, EDGE=edge, TILES=tiles,
+            **operand_loads(queries, keys, cfg), **cfg.kwargs())
         first += launch_splits
+    lse_pos, lse_neg = torch.logsumexp(partial_pos, dim=0), torch.logsumexp(partial_neg, dim=0)
     top = top.amax(dim=0) if track_top1 else top.new_empty(0)
-    return torch.logsumexp(partial_pos, dim=0), torch.logsumexp(partial_neg, dim=0), top, partial_sum.sum(dim=0) \
-        if negative_sum else partial_sum.new_empty(0)
+    total = partial_sum.sum(dim=0) if negative_sum else partial_sum.new_empty(0)
+    if order is not None:
+        lse_pos, lse_neg, total = order.unsort_rows(lse_pos), order.unsort_rows(lse_neg), \
+            order.unsort_rows(total) if negative_sum else total
+        top = order.unsort_rows(top, dim=1) if track_top1 else top
+    return lse_pos, lse_neg, top, total

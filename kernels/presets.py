@@ -45,8 +45,10 @@ _ELEMENTWISE = {
 PRESETS = {
     ("sm90", "16"): {  # measured on an H200: benchmarks/tune_presets.py, results/nvidia-h200_*-tune_presets.txt,
         # except the tile kernels', chosen offline for the TMA kernels (aot, triton 3.9 / 3.6, no spills):
-        # issue_to_mma forward 0.53 / 0.58, forward_pairwise 1.04-1.11 / 0.98-1.10, grad_similarity
-        # 0.64 / 0.62, grad_similarity_full 0.78 / 0.76, grad_similarity_pairwise 0.96-1.16 / 0.95-1.15
+        # issue_to_mma forward 0.54 / 0.58 (negatives-only tiles 0.49), forward_pairwise 1.06-1.11 /
+        # 0.98-1.10, grad_similarity 0.71 / 0.68 (negatives-only 0.65 / 0.63), grad_similarity_full
+        # 0.85 / 0.82 (0.78 / 0.75), grad_similarity_pairwise 1.03-1.24 / 1.01-1.22. A sorted problem's
+        # negatives-only tiles (label_order.py) take the class-level presets, pair-wise ones included.
         "forward": _tiles(64, 256, 64, 4, 2),
         "forward_pairwise": _tiles(64, 128, 128, 4, 2),
         "grad_similarity": _tiles(64, 128, 256, 4, 2, RADIAL_TILE=True),

@@ -90,6 +90,8 @@ def circle_epilogue(t, is_pos, norm_q, inv_norm_q, margin, logit_scale, offset_p
     multiply and one fma, v·(v·logit_scale/‖q_i‖²) - (logit_scale·m² + offset), and the detached slope
     one fma, ±(v·slope_scale/‖q_i‖ + m·slope_scale), with the row terms folded per row.
     """
+    # float32 scalars, as on a GPU (the interpreter would carry a product like m² below 2^-126 in float64)
+    margin, logit_scale = tl.cast(margin, tl.float32), tl.cast(logit_scale, tl.float32)
     y = tl.where(is_pos, norm_q[:, None] - t, t)
     threshold = -margin * norm_q  # -m in units of 1/‖q_i‖
     v = tl.maximum(y, threshold[:, None], propagate_nan=tl.PropagateNan.ALL)  # NaN in t stays NaN

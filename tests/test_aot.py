@@ -77,15 +77,19 @@ def test_class_level_forward_is_tensor_core_bound_on_sm90(report):
 
 
 def test_face_training_backward_tile_stays_near_the_budget(report):
-    """The face-training backward tile (class-level grad_similarity, α detached, 16-bit, sm_90: an
-    epilogue in units of 1/‖q_i‖, the positive from a per-row value, 64 × 128 tiles in 256-wide chunks)
-    issues at most 0.7 of its tensor-core cycles (0.64 with triton 3.9, 0.62 with 3.6; 1.19 before the
-    epilogue was folded), and the true derivative's at most 0.85 (0.78 / 0.76; 1.27 before)."""
+    """The face-training backward tile (class-level grad_similarity, 16-bit, sm_90: an epilogue in units
+    of 1/‖q_i‖, the positive from a per-row value, 64 × 128 tiles in 256-wide chunks) issues at most 0.75
+    of its tensor-core cycles with α detached (0.71 with triton 3.9, 0.68 with 3.6; 1.19 before the
+    epilogue was folded) and 0.9 with the true derivative (0.85 / 0.82; 1.27 before); a sorted problem's
+    negatives-only tiles 0.7 (0.65 / 0.63), and their forward tiles keep the budget (0.49)."""
     _, rows, _ = report
-    tiles = {row["variant"]: row for row in rows if row["kernel"] == "circle_grad_similarity_kernel"
-             and row["arch"] == 90}
-    assert tiles["bf16 class-level detach-alpha"]["issue_to_mma"] <= 0.7, tiles["bf16 class-level detach-alpha"]
-    assert tiles["bf16 class-level full-alpha"]["issue_to_mma"] <= 0.85, tiles["bf16 class-level full-alpha"]
+    tiles = {(row["kernel"], row["variant"]): row["issue_to_mma"] for row in rows if row["arch"] == 90}
+    backward = "circle_grad_similarity_kernel"
+    assert tiles[backward, "bf16 class-level detach-alpha"] <= 0.75
+    assert tiles[backward, "bf16 class-level full-alpha"] <= 0.9
+    for form in ("class-level", "pair-wise"):
+        assert tiles[backward, f"bf16 {form} negative tiles detach-alpha"] <= 0.7
+        assert tiles["circle_forward_kernel", f"bf16 {form} negative tiles"] <= 0.6
 
 
 def test_the_budget_line_counts_the_rows(report):

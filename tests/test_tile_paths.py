@@ -10,7 +10,7 @@ import torch
 
 import circleloss_ext as cl
 from circleloss_ext.kernels import presets, tile
-from helpers import check_against_reference, make_inputs
+from helpers import check_against_reference, make_inputs, run
 
 
 def _loads(queries, keys):
@@ -59,3 +59,95 @@ def test_pairwise_through_both_paths(D, tma, N):
 
     check_against_reference(loss, (emb, labels, ref, ref_labels), "triton", dtype=torch.bfloat16,
                             detach_alpha=False, reduction="none")
+
+
+@pytest.fixture
+def sorted_by_label(monkeypatch):
+    """Pair-wise problems sorted by label at any size (label_order.py), as the GPU does from 512 rows."""
+    from circleloss_ext.kernels import label_order
+    monkeypatch.setattr(label_order, "SORT_MIN_ROWS", 0)
+
+
+@pytest.mark.parametrize("detach_alpha", [True, False])
+@pytest.mark.parametrize("form", ["batch", "reference set", "memory"])
+def test_sorted_pairwise_problems_split_negative_and_mixed_tiles(form, detach_alpha, sorted_by_label):
+    """Sorted by label, a block of 16 rows (the interpreter's) has its positives and excluded keys in a
+    few key tiles of 32: the other tiles run the negatives-only epilogue (TILES "negative") and the
+    results, put back in the callers' order, match the reference (odd sizes: the last key tile partial)."""
+    from circleloss_ext.kernels.label_order import mixed_key_ranges
+    emb, keys, labels, key_labels = make_inputs(150, 170, 24, num_labels=40)
+    ranges = mixed_key_ranges(labels.sort().values, key_labels.sort().values, 170, None, 16, 32)
+    assert ((ranges[:, 1] - ranges[:, 0]) < 160).all() and (ranges[:, 1] > ranges[:, 0]).any()
+    if form == "batch":
+        check_against_reference(cl.pairwise_circle_loss, (emb, labels), "triton", detach_alpha=detach_alpha,
+                                reduction="none")
+    else:
+        self_index = torch.randint(-1, 170, (150,)) if form == "memory" else None
+
+        def against(e, y, r, ry, **kw):
+            return cl.pairwise_circle_loss(e, y, ref_embeddings=r, ref_labels=ry, ref_self_index=self_index, **kw)
+        check_against_reference(against, (emb, labels, keys, key_labels), "triton", detach_alpha=detach_alpha,
+                                reduction="sum")
+
+
+def test_sorted_pairwise_accuracy_and_workspace_chunks(sorted_by_label):
+    """Top-1 tracking comes back in the callers' row order, and a sorted backward in several chunks (the
+    last with a partial tile) gives the same key gradients as in one."""
+    emb, keys, labels, key_labels = make_inputs(90, 77, 24, num_labels=20)
+    loss, accuracy = cl.pairwise_circle_loss(emb, labels, backend="triton", with_accuracy=True)
+    ref_loss, ref_accuracy = cl.pairwise_circle_loss(emb.double(), labels, backend="reference", with_accuracy=True)
+    assert accuracy == ref_accuracy
+    torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-5, atol=1e-5)
+
+    def against(e, y, r, ry, **kw):
+        return cl.pairwise_circle_loss(e, y, ref_embeddings=r, ref_labels=ry, **kw)
+    whole = run(against, (emb, labels, keys, key_labels), backend="triton")
+    before = cl.workspace_limit()
+    cl.set_workspace_limit(90 * 32 * 4)  # 32 keys of H a chunk
+    try:
+        chunked = run(against, (emb, labels, keys, key_labels), backend="triton")
+    finally:
+        cl.set_workspace_limit(before)
+    assert torch.equal(whole[0], chunked[0]) and torch.equal(whole[1][1], chunked[1][1])
+
+
+def test_sorted_pairwise_launches_with_different_tile_widths(sorted_by_label, monkeypatch):
+    """On sm_90 the negatives-only tiles take the class-level presets, twice as wide as the mixed ones
+    (forward 256 / 128 keys, grad_similarity 128 / 64): the mixed ranges are whole tiles of both."""
+    wide = {"forward": presets._tiles(16, 64, 16, 4, 1),
+            "grad_similarity": presets._tiles(16, 64, 16, 4, 1, RADIAL_TILE=False),
+            "grad_similarity_full": presets._tiles(16, 64, 16, 4, 1, RADIAL_TILE=False)}
+    monkeypatch.setattr(presets, "_INTERPRETER", {**presets._INTERPRETER, **wide})
+    emb, keys, labels, key_labels = make_inputs(70, 150, 24, num_labels=30)
+    check_against_reference(cl.pairwise_circle_loss, (emb, labels), "triton", reduction="sum")
+
+    def against(e, y, r, ry, **kw):
+        return cl.pairwise_circle_loss(e, y, ref_embeddings=r, ref_labels=ry, **kw)
+    check_against_reference(against, (emb, labels, keys, key_labels), "triton", detach_alpha=False)
+
+
+def test_negative_and_mixed_tile_presets_share_their_row_blocks():
+    """label_order's two launches index one table of mixed ranges by row block: each family's class-level
+    and pair-wise presets must agree on BLOCK_B."""
+    for table in [*presets.PRESETS.values(), presets._INTERPRETER]:
+        assert table["forward"].blocks["BLOCK_B"] == table["forward_pairwise"].blocks["BLOCK_B"]
+        for class_level in ("grad_similarity", "grad_similarity_full"):
+            assert table[class_level].blocks["BLOCK_B"] == table["grad_similarity_pairwise"].blocks["BLOCK_B"]
+
+
+@pytest.mark.parametrize("detach_alpha", [True, False])
+def test_sorted_class_level_rows(detach_alpha, sorted_by_label):
+    """Class-level rows sorted by class (the keys stay): a block of 16 rows has its positives in a few key
+    tiles, the others run without the own-class compare; ignored rows, label smoothing and accuracy come
+    back in the callers' order."""
+    from circleloss_ext.kernels.label_order import mixed_key_ranges
+    emb, weight, labels, _ = make_inputs(100, 300, 24)
+    labels[::7] = -100
+    ranges = mixed_key_ranges(labels.sort().values, None, 300, None, 16, 32)
+    assert ((ranges[:, 1] - ranges[:, 0]) < 288).all()
+    check_against_reference(cl.circle_loss, (emb, weight, labels), "triton", detach_alpha=detach_alpha,
+                            label_smoothing=0.1, reduction="none", ignore_index=-100)
+    _, accuracy = cl.circle_loss(emb, weight, labels, backend="triton", with_accuracy=True, ignore_index=-100)
+    _, expected = cl.circle_loss(emb.double(), weight.double(), labels, backend="reference", with_accuracy=True,
+                                 ignore_index=-100)
+    assert accuracy == expected

@@ -1,0 +1,85 @@
+"""Problems sorted by label, so that most key tiles hold negatives only.
+
+A tile that holds positives pays for them in every similarity: a pair-wise tile selects each kind's
+terms (tile.circle_epilogue) and its forward keeps two online log-sum-exps; a class-level tile compares
+every key with each row's class. With the queries (and pair-wise keys) sorted by label, the positives
+of a block of rows lie in one narrow range of keys, the mixed range: the launchers run the tiles
+outside it with the plain negatives-only epilogue (`TILES` "negative") and only the others with the
+positives (`TILES` "mixed"). Sorting copies the queries and, for pair-wise labels, the keys
+(O((B + N)·D)); class-level keys (the rows of W) stay where they are. It is done where the rows are
+many enough for the mixed ranges to be narrow and the copies repaid (SORT_MIN_ROWS, an estimate: a
+block of 64 sorted class-level rows spans ~64/B of the classes); results are put back in the callers'
+order. Stable sorts: forward and backward sort alike.
+"""
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import triton
+
+SORT_MIN_ROWS = 512
+
+
+@dataclass(frozen=True)
+class LabelOrder:
+    """rows[p], keys[p]: the original index of the query and of the key in sorted position p (keys None:
+    class-level keys, left in place)."""
+    rows: torch.Tensor
+    keys: Optional[torch.Tensor]
+
+    def sort(self, queries, keys, query_labels, key_labels, inv_norm_q, inv_norm_k, excluded_keys):
+        """The problem in sorted order; an excluded key is renamed to its sorted position (-1 stays -1)."""
+        queries, query_labels, inv_norm_q = queries[self.rows], query_labels[self.rows], inv_norm_q[self.rows]
+        if excluded_keys is not None:
+            excluded_keys = excluded_keys[self.rows]
+        if self.keys is None:
+            return queries, keys, query_labels, key_labels, inv_norm_q, inv_norm_k, excluded_keys
+        if excluded_keys is not None:
+            position = torch.empty_like(self.keys)
+            position[self.keys] = torch.arange(self.keys.shape[0], device=self.keys.device)
+            excluded_keys = torch.where(excluded_keys >= 0, position[excluded_keys.clamp_min(0)], -1)
+        return (queries, keys[self.keys], query_labels, key_labels[self.keys], inv_norm_q, inv_norm_k[self.keys],
+                excluded_keys)
+
+    def unsort_rows(self, values: torch.Tensor, dim: int = 0) -> torch.Tensor:
+        """values with the rows in sorted order along dim, back in the caller's order."""
+        return torch.empty_like(values).index_copy_(dim, self.rows, values)
+
+    def unsort_keys(self, values: torch.Tensor) -> torch.Tensor:
+        """values with the keys in sorted order along dim 0, back in the caller's order."""
+        return values if self.keys is None else torch.empty_like(values).index_copy_(0, self.keys, values)
+
+
+def label_order(query_labels: torch.Tensor, key_labels: Optional[torch.Tensor]) -> Optional[LabelOrder]:
+    """The sorted order of a problem with at least SORT_MIN_ROWS rows; None otherwise."""
+    if query_labels.shape[0] < SORT_MIN_ROWS:
+        return None
+    return LabelOrder(torch.argsort(query_labels, stable=True),
+                      None if key_labels is None else torch.argsort(key_labels, stable=True))
+
+
+def mixed_key_ranges(query_labels: torch.Tensor, key_labels: Optional[torch.Tensor], num_keys: int,
+                     excluded_keys: Optional[torch.Tensor], block_b: int, block_n: int) -> torch.Tensor:
+    """int32 (row blocks, 2): for each block of block_b rows, [lo, hi), multiples of block_n, the key
+    tiles that hold a positive or an excluded key of one of its rows ((0, 0) if none). Pair-wise
+    key_labels must be sorted ascending (row i's positives are then the keys of its label, one run);
+    None: class-level keys, the positive of row i is key a_i (none unless 0 <= a_i < num_keys)."""
+    if key_labels is None:
+        lo = query_labels
+        hi = torch.where((query_labels >= 0) & (query_labels < num_keys), query_labels + 1, query_labels)
+    else:
+        lo = torch.searchsorted(key_labels, query_labels, side="left")
+        hi = torch.searchsorted(key_labels, query_labels, side="right")
+    none = lo == hi
+    lo, hi = torch.where(none, num_keys, lo), torch.where(none, 0, hi)
+    if excluded_keys is not None:
+        chosen = excluded_keys >= 0
+        lo = torch.where(chosen, torch.minimum(lo, excluded_keys), lo)
+        hi = torch.where(chosen, torch.maximum(hi, excluded_keys + 1), hi)
+    blocks = triton.cdiv(query_labels.shape[0], block_b)
+    pad = blocks * block_b - query_labels.shape[0]
+    lo = torch.nn.functional.pad(lo, (0, pad), value=num_keys).view(blocks, block_b).amin(dim=1)
+    hi = torch.nn.functional.pad(hi, (0, pad), value=0).view(blocks, block_b).amax(dim=1)
+    lo, hi = lo // block_n * block_n, (hi + block_n - 1) // block_n * block_n
+    empty = lo >= hi
+    return torch.stack([torch.where(empty, 0, lo), torch.where(empty, 0, hi)], dim=1).to(torch.int32)
