@@ -45,6 +45,26 @@ def test_pairwise_forms_across_tiles(dtype):
     check_against_reference(against_memory, (emb, labels, ref, ref_labels), "triton", dtype=dtype)
 
 
+@pytest.mark.parametrize("detach_alpha", [True, False])
+def test_sorted_by_label_from_512_rows(detach_alpha):
+    """From 512 rows the launchers sort by label (kernels/label_order.py) and run negatives-only and mixed
+    tiles apart, with the class-level presets (64 × 256 forward, 64 × 128 backward tiles) beside the
+    pair-wise ones: class-level, in batch and against a reference set, results in the callers' order."""
+    emb, weight, labels, _ = make_inputs(700, 5003, 136, dtype=torch.bfloat16)
+    labels[::11] = -100
+    check_against_reference(cl.circle_loss, (emb, weight, labels), "triton", dtype=torch.bfloat16,
+                            detach_alpha=detach_alpha, reduction="sum")
+    emb, ref, labels, ref_labels = make_inputs(900, 3001, 72, dtype=torch.bfloat16, num_labels=150)
+    check_against_reference(cl.pairwise_circle_loss, (emb, labels), "triton", dtype=torch.bfloat16,
+                            detach_alpha=detach_alpha)
+
+    def against_memory(e, lab, r, rlab, **kw):
+        return cl.pairwise_circle_loss(e, lab, ref_embeddings=r, ref_labels=rlab, **kw)
+
+    check_against_reference(against_memory, (emb, labels, ref, ref_labels), "triton", dtype=torch.bfloat16,
+                            detach_alpha=detach_alpha)
+
+
 @pytest.mark.parametrize("transposed", [False, True], ids=["row-major", "transposed"])
 def test_class_matrix_beyond_int32_offsets(transposed):
     """C·D > 2^31 elements: row offsets (C · D) and, for a transposed W, D offsets (d · C) pass int32."""
