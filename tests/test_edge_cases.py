@@ -285,14 +285,18 @@ def test_preset_families():
         arch_family(7, 96 * 1024)
 
 
-@pytest.mark.parametrize("D", [70, 72])  # rows of 140 / 144 bytes in bf16: pointers / tensor descriptors
+@pytest.mark.parametrize("D,sort", [(70, False), (72, False), (72, True)])  # rows of 140 / 144 bytes in bf16:
+# pointers / tensor descriptors; sorted by label (label_order.py), as from 512 rows
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_sm90_presets_under_the_interpreter(dtype, D, monkeypatch):
-    """The interpreter runs the H100 tiles (64 × 256 × 64, 64 × 128 × 128 and 64 × 64 × 128 in 16 bits)
-    on a case that crosses their row, key and D boundaries, through both operand paths, so their masking
-    is checked without a GPU."""
-    from circleloss_ext.kernels import presets
+def test_sm90_presets_under_the_interpreter(dtype, D, sort, monkeypatch):
+    """The interpreter runs the H100 tiles (16 bits: forward 64 × 256 × 64 and 64 × 128 × 128,
+    grad_similarity 64 × 128 × 256 and 64 × 64 × 256) on a case that crosses their row, key and D
+    boundaries, through both operand paths and, sorted, with negatives-only and mixed tiles of different
+    widths side by side, so their masking is checked without a GPU."""
+    from circleloss_ext.kernels import label_order, presets
     monkeypatch.setattr(presets, "_INTERPRETER", presets.PRESETS[("sm90", presets.operand_width(dtype))])
+    if sort:
+        monkeypatch.setattr(label_order, "SORT_MIN_ROWS", 0)
     emb, weight, labels, _ = make_inputs(130, 261, D, dtype=dtype, device="cpu")
     check_against_reference(cl.circle_loss, (emb, weight, labels), "triton", dtype=dtype, reduction="sum",
                             detach_alpha=False)
