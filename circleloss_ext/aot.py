@@ -38,7 +38,10 @@ Loops are the backward branches, except the jump back from an out-of-line retry 
 wait (a one-instruction spin loop, then an unconditional branch to the code it left), which is not a
 loop around that code. Estimates from the static code: software pipelining peels some iterations out
 of a loop, and branches inside the tile count both ways, so the counts are a little high; the
-launches counted are the whole-tile ones (EDGE False), whose epilogues carry no bounds masks.
+launches counted are the whole-tile ones (EDGE False), whose epilogues carry no bounds masks. A
+problem sorted by label (kernels/label_order.py) runs its negatives-only tiles in launches of their own:
+those are the "negative tiles" rows; the other rows are the tiles that may hold positives (all of an
+unsorted problem's, the mixed ones of a sorted problem).
 """
 import argparse
 import json
