@@ -151,3 +151,28 @@ def test_sorted_class_level_rows(detach_alpha, sorted_by_label):
     _, expected = cl.circle_loss(emb.double(), weight.double(), labels, backend="reference", with_accuracy=True,
                                  ignore_index=-100)
     assert accuracy == expected
+
+
+@pytest.mark.parametrize("form", ["class", "pairwise"])
+def test_mixed_key_ranges_hold_every_positive_and_excluded_key(form):
+    """The invariant the negatives-only tiles rest on: for every row, each of its positives and its
+    excluded key lie in its block's range, and the range is whole tiles (multiples of block_n)."""
+    from circleloss_ext.kernels.label_order import mixed_key_ranges
+    gen = torch.Generator().manual_seed(3)
+    B, N, block_b, block_n = 203, 517, 16, 64
+    if form == "class":
+        labels = torch.randint(-1, N, (B,), generator=gen).sort().values  # -1: no class, no positive
+        key_labels, excluded = None, None
+        positive = labels[:, None] == torch.arange(N)[None, :]
+    else:
+        labels = torch.randint(0, 60, (B,), generator=gen).sort().values
+        key_labels = torch.randint(0, 60, (N,), generator=gen).sort().values
+        excluded = torch.randint(-1, N, (B,), generator=gen)
+        positive = labels[:, None] == key_labels[None, :]
+        positive[torch.arange(B)[excluded >= 0], excluded[excluded >= 0]] = True
+    ranges = mixed_key_ranges(labels, key_labels, N, excluded, block_b, block_n).long()
+    assert (ranges % block_n == 0).all()
+    lo, hi = ranges[torch.arange(B) // block_b].unbind(dim=1)
+    keys = torch.arange(N)[None, :]
+    assert not (positive & ((keys < lo[:, None]) | (keys >= hi[:, None]))).any()
+    assert ((hi - lo) < N).any()  # and the ranges leave negatives-only tiles
