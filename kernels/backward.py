@@ -18,7 +18,7 @@ import triton
 from .grad_keys import circle_grad_keys_kernel
 from .grad_queries import circle_grad_queries_kernel
 from .grad_similarity import circle_grad_similarity_kernel, circle_positive_gradient_kernel
-from .label_order import label_order, mixed_key_ranges
+from .label_order import label_order, tile_launches
 from .presets import dot_precision, splits_to_fill, tile_config
 from .tile import edge_ranges, operand_loads, problem_arguments, workspace_descriptor
 
@@ -84,14 +84,11 @@ def circle_backward(grad_rows, queries, keys, query_labels, key_labels, inv_norm
     grad_scale = _grad_scale(h_dtype, row_scale, grad_rows, max(abs(smooth_pos), abs(smooth_neg)), inv_norm_q,
                              inv_norm_k, margin, gamma)
     # class-level keys with α detached (face training's default) take the widest tiles; the true
-    # derivative's and pair-wise epilogues hold more per similarity. A sorted problem's tiles run in two
-    # launches: negatives-only tiles, with the class-level presets, and the mixed ones (same BLOCK_B).
-    class_level = "grad_similarity" if detach_alpha else "grad_similarity_full"
-    if order is None:
-        kinds = {"all": tile_config("grad_similarity_pairwise" if key_labels is not None else class_level, queries)}
-    else:
-        kinds = {"negative": tile_config(class_level, queries),
-                 "mixed": tile_config("grad_similarity_pairwise" if key_labels is not None else class_level, queries)}
+    # derivative's and pair-wise epilogues hold more per similarity. A sorted problem's negatives-only
+    # tiles take the class-level presets.
+    class_level = tile_config("grad_similarity" if detach_alpha else "grad_similarity_full", queries)
+    mixed_config = class_level if key_labels is None else tile_config("grad_similarity_pairwise", queries)
+    kinds, mixed = tile_launches(order, problem, excluded_keys, class_level, mixed_config)
     queries_cfg = tile_config("grad_queries", queries)
     keys_cfg = tile_config("grad_keys", queries)
     # grad_similarity splits the rows as far as it takes N's key tiles to fill the device: one split for
@@ -103,17 +100,12 @@ def circle_backward(grad_rows, queries, keys, query_labels, key_labels, inv_norm
                                                     queries)
         launches.append((tiles, cfg, row_splits, rows_per_split, radial_rows))
         radial_rows += row_splits
-    block_ns = [cfg.blocks["BLOCK_N"] for cfg in kinds.values()]
-    align = math.lcm(*block_ns, queries_cfg.blocks["BLOCK_N"], keys_cfg.blocks["BLOCK_N"])
+    align = math.lcm(*(cfg.blocks["BLOCK_N"] for cfg in kinds.values()), queries_cfg.blocks["BLOCK_N"],
+                     keys_cfg.blocks["BLOCK_N"])
     chunk = chunk_keys(B, N, h_dtype, radial_rows, align, need_keys)
     device = queries.device
     h = torch.empty(B, chunk, device=device, dtype=h_dtype)
     radial = torch.empty(radial_rows, chunk, device=device, dtype=torch.float32) if need_keys else h
-    if order is not None:  # per row block, the key range of its mixed tiles, in whole tiles of both kinds
-        mixed = mixed_key_ranges(problem["q_label_ptr"], None if key_labels is None else problem["k_label_ptr"], N,
-                                 excluded_keys, kinds["mixed"].blocks["BLOCK_B"], math.lcm(*block_ns))
-    else:
-        mixed = torch.empty(0, device=device, dtype=torch.int32)
     raw_q = torch.zeros(B, D, device=device, dtype=torch.float32) if need_queries else None
     grad_k = torch.empty(N, D, device=device, dtype=keys.dtype) if need_keys else None
     precision = dot_precision(h_dtype)

@@ -22,13 +22,11 @@ With TRACK_TOP1 the kernel also keeps each row's largest positive and largest ne
 (the nearest key of each kind, for top-1 accuracy): one select and one max per similarity more.
 With NEGATIVE_SUM it keeps V_i, the sum of each row's negative logits, which label smoothing needs.
 """
-import math
-
 import torch
 import triton
 import triton.language as tl
 
-from .label_order import label_order, mixed_key_ranges
+from .label_order import label_order, tile_launches
 from .presets import splits_to_fill, tile_config
 from .tile import (LN_2, LOG2_E, circle_epilogue, column_labels, dot_tile, edge_ranges, excluded_pairs,
                    gathered_positive, keys_in_bounds, operand_loads, positive_pairs, problem_arguments, query_norms,
@@ -50,8 +48,8 @@ def circle_forward_kernel(
     B, N, D, stride_qb, stride_qd, stride_kn, stride_kd, key_begin, key_end, keys_per_split,
     margin, gamma,
     CLASS_LEVEL: tl.constexpr, EXCLUDE_KEY: tl.constexpr, TRACK_TOP1: tl.constexpr, NEGATIVE_SUM: tl.constexpr,
-    EDGE: tl.constexpr, TILES: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
-    TMA: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    EDGE: tl.constexpr, TILES: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    EVEN_D: tl.constexpr, TMA: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     split = tl.program_id(1)
     rows_start = tl.program_id(0).to(tl.int64) * BLOCK_B
@@ -172,31 +170,23 @@ def circle_forward(queries, keys, query_labels, key_labels, inv_norm_q, inv_norm
             queries, keys, query_labels, key_labels, inv_norm_q, inv_norm_k, excluded_keys)
     problem = problem_arguments(queries, keys, query_labels, key_labels, inv_norm_q, inv_norm_k, margin, gamma,
                                 excluded_keys)
-    mixed_preset = "forward" if key_labels is None else "forward_pairwise"
-    if order is None:
-        kinds = {"all": tile_config(mixed_preset, queries)}
-    else:  # negatives-only tiles take the class-level forward's tiles; the two share BLOCK_B (presets.py)
-        kinds = {"negative": tile_config("forward", queries), "mixed": tile_config(mixed_preset, queries)}
-    block_b = kinds["all" if order is None else "mixed"].blocks["BLOCK_B"]
+    # a sorted problem's negatives-only tiles take the class-level forward's tiles
+    kinds, mixed = tile_launches(order, problem, excluded_keys, tile_config("forward", queries),
+                                 tile_config("forward" if key_labels is None else "forward_pairwise", queries))
     B, N = problem["B"], problem["N"]
-    row_blocks = triton.cdiv(B, block_b)
-    if order is not None:  # per row block, the key range of its mixed tiles, in whole tiles of both kinds
-        mixed = mixed_key_ranges(problem["q_label_ptr"], None if key_labels is None else problem["k_label_ptr"], N,
-                                 excluded_keys, block_b, math.lcm(*(cfg.blocks["BLOCK_N"] for cfg in kinds.values())))
-    else:
-        mixed = torch.empty(0, device=queries.device, dtype=torch.int32)
     launches = []
     for tiles, cfg in kinds.items():
-        block_n = cfg.blocks["BLOCK_N"]
+        block_n, row_blocks = cfg.blocks["BLOCK_N"], triton.cdiv(B, cfg.blocks["BLOCK_B"])
         for begin, end, edge in edge_ranges(N, block_n):
-            launches.append((tiles, cfg, begin, end, edge, *splits_to_fill(end - begin, row_blocks, block_n, queries)))
-    splits = sum(launch[5] for launch in launches)
+            launches.append((tiles, cfg, row_blocks, begin, end, edge,
+                             *splits_to_fill(end - begin, row_blocks, block_n, queries)))
+    splits = sum(launch[6] for launch in launches)
     partial_pos = torch.empty(splits, B, device=queries.device, dtype=torch.float32)
     partial_neg = torch.empty_like(partial_pos)
     top = torch.empty(splits if track_top1 else 0, 2, B, device=queries.device, dtype=torch.float32)
     partial_sum = torch.empty(splits if negative_sum else 0, B, device=queries.device, dtype=torch.float32)
     first = 0
-    for tiles, cfg, key_begin, key_end, edge, launch_splits, keys_per_split in launches:
+    for tiles, cfg, row_blocks, key_begin, key_end, edge, launch_splits, keys_per_split in launches:
         outputs = slice(first, first + launch_splits)
         circle_forward_kernel[(row_blocks, launch_splits)](
             **problem, lse_pos_ptr=partial_pos[outputs], lse_neg_ptr=partial_neg[outputs], top_ptr=top[outputs],

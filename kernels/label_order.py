@@ -11,6 +11,7 @@ many enough for the mixed ranges to be narrow and the copies repaid (SORT_MIN_RO
 block of 64 sorted class-level rows spans ~64/B of the classes); results are put back in the callers'
 order. Stable sorts: forward and backward sort alike.
 """
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -83,3 +84,19 @@ def mixed_key_ranges(query_labels: torch.Tensor, key_labels: Optional[torch.Tens
     lo, hi = lo // block_n * block_n, (hi + block_n - 1) // block_n * block_n
     empty = lo >= hi
     return torch.stack([torch.where(empty, 0, lo), torch.where(empty, 0, hi)], dim=1).to(torch.int32)
+
+
+def tile_launches(order: Optional[LabelOrder], problem: dict, excluded_keys: Optional[torch.Tensor],
+                  negative_config, mixed_config) -> tuple[dict, torch.Tensor]:
+    """({TILES: config}, mixed ranges): the launches that together cover every tile of a problem (from
+    tile.problem_arguments) and the table of mixed ranges their kernels index. Unsorted: one launch
+    ("all", mixed_config) and an empty table. Sorted: negatives-only tiles with negative_config and mixed
+    ones with mixed_config, which share BLOCK_B (a test checks the presets), the ranges in whole tiles of
+    both widths."""
+    if order is None:
+        return {"all": mixed_config}, torch.empty(0, device=problem["q_ptr"].device, dtype=torch.int32)
+    kinds = {"negative": negative_config, "mixed": mixed_config}
+    ranges = mixed_key_ranges(problem["q_label_ptr"], None if problem["CLASS_LEVEL"] else problem["k_label_ptr"],
+                              problem["N"], excluded_keys, mixed_config.blocks["BLOCK_B"],
+                              math.lcm(*(config.blocks["BLOCK_N"] for config in kinds.values())))
+    return kinds, ranges

@@ -1,8 +1,9 @@
 """The pieces every Circle Loss kernel shares: one similarity tile and its epilogue.
 
 Symbols follow docs/design.md: queries q_i with labels a_i, keys k_j with labels b_j,
-s_ij = q̂_i · k̂_j, margin m, scale γ. The epilogue gives logits in units of γ; the kernels keep their
-log-sum-exps in base 2 and fold γ·log2 e into the one fused multiply-add before each exp2.
+s_ij = q̂_i · k̂_j, margin m, scale γ. The epilogue works on t_ij = q_i · k̂_j (s never formed) and gives
+logits in the caller's units minus a per-row offset: the kernels keep their log-sum-exps in base 2
+(γ·log2 e), so each exponential is one exp2 of the epilogue's output.
 """
 import torch
 import triton
@@ -207,7 +208,7 @@ def problem_arguments(queries: torch.Tensor, keys: torch.Tensor, query_labels: t
     copied); pair-wise labels as dense_labels."""
     B, D = queries.shape
     if key_labels is None:
-        q_labels, k_labels = query_labels.contiguous(), query_labels.contiguous()
+        q_labels = k_labels = query_labels.contiguous()
     else:
         q_labels, k_labels = dense_labels(query_labels, key_labels)
     return dict(
