@@ -20,14 +20,13 @@ CANDIDATES = {  # (BLOCK_B, BLOCK_N, BLOCK_D, warps, stages)
     "forward": [(64, 256, 64, 4, 4), (64, 256, 64, 4, 2), (64, 128, 64, 4, 3), (64, 128, 128, 4, 2),
                 (128, 256, 64, 8, 3)],
     "forward_pairwise": [(64, 128, 64, 4, 3), (64, 128, 128, 4, 3), (128, 128, 64, 8, 3), (64, 64, 128, 4, 3)],
-    "grad_similarity": [(64, 128, 256, 4, 2), (64, 64, 256, 4, 2), (64, 64, 128, 4, 3), (64, 128, 128, 4, 2)],
-    "grad_similarity_pairwise": [(64, 64, 256, 4, 2), (64, 64, 128, 4, 3), (64, 128, 128, 4, 2)],
+    "grad_similarity": [(64, 128, 256, 4, 2), (64, 256, 128, 4, 2), (64, 64, 256, 4, 2), (64, 128, 128, 4, 2)],
+    "grad_similarity_pairwise": [(64, 128, 256, 4, 2), (64, 64, 256, 4, 2), (64, 128, 128, 4, 2)],
     "grad_queries": [(128, 64, 128, 8, 4), (128, 64, 256, 8, 3), (64, 64, 128, 4, 4), (128, 128, 128, 8, 3)],
-    "grad_keys": [(64, 128, 128, 8, 4), (64, 128, 256, 8, 3), (64, 256, 128, 8, 3), (32, 128, 128, 4, 4)],
+    # grad_keys: BLOCK_D is each of its two accumulators' width; both together hold D = 512 whole
+    "grad_keys": [(64, 64, 256, 8, 2), (32, 64, 256, 8, 3), (64, 64, 256, 8, 3), (128, 64, 256, 8, 2)],
 }
-# constexprs the candidates share (the sm_90 presets'); grad_similarity_full (class-level, true derivative)
-# runs in none of the cases, which detach α
-TUNING = {"grad_similarity": {"RADIAL_TILE": True}, "grad_similarity_pairwise": {"RADIAL_TILE": True}}
+# (grad_similarity_full, class-level with the true derivative, runs in none of the cases, which detach α)
 CASES = {"A": GPU_CASE_A, "C": GPU_CASE_C}
 
 
@@ -57,7 +56,7 @@ def main(argv=None) -> None:
         for kernel in args.kernels:
             candidates, current = CANDIDATES[kernel], table[kernel]
             for blocks in candidates:
-                table[kernel] = presets._tiles(*blocks, **TUNING.get(kernel, {}))
+                table[kernel] = presets._tiles(*blocks)
                 try:
                     forward_ms, backward_ms = _step_times(case)
                     timing = f"forward {forward_ms:7.2f} ms  backward {backward_ms:7.2f} ms"

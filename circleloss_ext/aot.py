@@ -22,10 +22,11 @@ Instruction counts, read from the SASS (`cuobjdump -sass`; `--sass DIR` keeps ea
 D = 512 (the face-training width; ANALYSIS_D):
   mma_flops_per_tile  the tensor-core work of one tile (one iteration of the kernel's outermost loop:
                 a BLOCK_B × BLOCK_N tile of S with its epilogue in forward and grad_similarity, one
-                BLOCK × BLOCK × BLOCK step in the plain products grad_queries and grad_keys): every HGMMA.MxNxK
-                (M·N·K·2 flops per warpgroup) or HMMA.mnk (m·n·k·2 per warp) in it, those inside an
-                inner loop (the D chunks) times its trip count, ceil(512 / BLOCK_D). For 16-bit
-                operands this is exactly 2·BLOCK_B·BLOCK_N·D, or the step's 2·BLOCK_B·BLOCK_N·BLOCK_D (a test checks it);
+                step of the plain products: BLOCK_B × BLOCK_N × BLOCK_D in grad_queries, the same into
+                each of grad_keys' one or two accumulators): every HGMMA.MxNxK (M·N·K·2 flops per
+                warpgroup) or HMMA.mnk (m·n·k·2 per warp) in it, those inside an inner loop (the D
+                chunks) times its trip count, ceil(512 / BLOCK_D). For 16-bit operands this is exactly
+                2·BLOCK_B·BLOCK_N·D, or the step's products (a test checks it);
                 fp32 operands count what 3xTF32 issues (three or more tf32 products per product).
                 0 for kernels without matrix products.
   issue_to_mma  (SASS instructions executed per tile per warp, loop bodies × trip counts, × warps / 4
@@ -55,7 +56,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from .kernels.aot_specs import OPERAND_TYPES, launches
+from .kernels.aot_specs import ANALYSIS_D, OPERAND_TYPES, launches
 from .kernels.presets import AOT_SHARED_BYTES, PRESETS, arch_family, interpreting, operand_width
 
 _RESOURCE = re.compile(r"\b(REG|STACK|SHARED|LOCAL):(\d+)")
@@ -63,7 +64,6 @@ _SASS_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);")
 _BRANCH = re.compile(r"\bBRA\s+0x([0-9a-f]+)")
 _HGMMA = re.compile(r"\bHGMMA\.(\d+)x(\d+)x(\d+)\.")
 _HMMA = re.compile(r"\bHMMA\.168(\d+)\.")  # HMMA.16816: m16 n8 k16; HMMA.1688: m16 n8 k8
-ANALYSIS_D = 512
 _TENSOR_FLOPS_PER_CYCLE = {"16": 4096, "32": 2048}
 _COLUMNS = (("kernel", 27), ("variant", 40), ("arch", 5), ("config", 40), ("registers", 9),
             ("spill_bytes", 11), ("shared_bytes", 12), ("wgmma", 5), ("issue_to_mma", 12), ("sync_waits", 10))

@@ -18,12 +18,13 @@ from dataclasses import dataclass
 import torch
 
 from .forward import circle_forward_kernel
-from .grad_keys import circle_grad_keys_kernel
+from .grad_keys import circle_grad_keys_kernel, key_dim_groups
 from .grad_queries import circle_grad_queries_kernel
 from .grad_similarity import circle_grad_similarity_kernel, circle_positive_gradient_kernel
 from .presets import LaunchConfig, dot_precision
 from .row_norm import inv_norm_kernel
 
+ANALYSIS_D = 512  # the face-training width the offline figures are read at (circleloss_ext.aot)
 OPERAND_TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 _FLOAT_SCALARS = {"margin", "gamma", "eps", "smooth_pos", "smooth_neg"}
 _UNIT_STRIDES = {"stride_qd", "stride_kd", "stride_d"}
@@ -58,6 +59,9 @@ class Launch:
         names = self.fn.arg_names
         constexprs = {**self.constexprs, **config.blocks}
         signature = {name: self.types.get(name, "constexpr") for name in names}
+        if "HALVES" in names:  # grad_keys' accumulators at D = ANALYSIS_D, as circle_backward launches them
+            halves, groups = key_dim_groups(ANALYSIS_D, config.blocks["BLOCK_D"])
+            constexprs.update(HALVES=halves, FINISH=groups == 1)
         if "TMA" in names:
             constexprs["TMA"] = tma
             constexprs["EVEN_D"] = not tma  # pointers: D = 512 is a multiple of every BLOCK_D
@@ -115,7 +119,7 @@ def launches(dtypes=tuple(OPERAND_TYPES)) -> list[Launch]:
                 preset = ("grad_similarity_pairwise" if not class_presets else
                           "grad_similarity" if detach else "grad_similarity_full")
                 result.append(_launch(preset, circle_grad_similarity_kernel, dtype, variant,
-                                      {**typed, "h_ptr": x}, DETACH_ALPHA=detach, NEED_RADIAL=True,
+                                      {**typed, "h_ptr": x}, DETACH_ALPHA=detach,
                                       LABEL_SMOOTHING=False, EDGE=False, TILES=tiles,
                                       DOT_PRECISION=precision, **flags))
         for detach in (True, False):

@@ -2,20 +2,21 @@
 
 Class-level keys first get each row's positive (circle_positive_gradient_kernel, O(B·D)). Then, for
 each chunk of keys [k0, k0 + chunk):
-  1. grad_similarity: recompute S, write H (B × chunk, the operands' dtype) and the radial partials;
+  1. grad_similarity: recompute S, write H (B × chunk, the operands' dtype);
   2. grad_queries: R += H · K_chunk (float32 partial sums, added in a fixed order);
-  3. grad_keys: ∂L/∂K_chunk = (Hᵀ · Q - ‖k_j‖⁻² ρ_j k_j) / c, written in K's dtype (ρ_j = Σ_i H_ij q_i·k_j).
+  3. grad_keys: P = Hᵀ · Q and ∂L/∂K_chunk = (P_j - ‖k_j‖⁻² ρ_j k_j) / c with ρ_j = k_j · P_j, written in
+     K's dtype (D wider than grad_keys' accumulators: P in float32, finished here).
 Then ∂L/∂q_i = R_i / c - ‖q_i‖⁻² (q_i · R_i / c) q_i (B × D, in float32, cast once).
 
-The workspace (H and the radial partials) is the only memory that grows with B × N; the chunk is the
-largest that fits the workspace limit (set_workspace_limit), so memory stays bounded at any N.
+The workspace (H, and P where D is that wide) is the only memory that grows with B × N; the chunk is
+the largest that fits the workspace limit (set_workspace_limit), so memory stays bounded at any N.
 """
 import math
 
 import torch
 import triton
 
-from .grad_keys import circle_grad_keys_kernel
+from .grad_keys import circle_grad_keys_kernel, key_dim_groups
 from .grad_queries import circle_grad_queries_kernel
 from .grad_similarity import circle_grad_similarity_kernel, circle_positive_gradient_kernel
 from .label_order import label_order, tile_launches
@@ -40,10 +41,11 @@ def workspace_limit() -> int:
     return _workspace_bytes
 
 
-def chunk_keys(B: int, N: int, h_dtype: torch.dtype, radial_rows: int, align: int, need_radial: bool) -> int:
-    """Keys per chunk: a multiple of `align` whose workspace (B × chunk of H, radial_rows × chunk float32
-    radial partials) fits the limit; never more than N needs."""
-    per_key = B * torch.empty((), dtype=h_dtype).element_size() + (radial_rows * 4 if need_radial else 0)
+def chunk_keys(B: int, N: int, D: int, h_dtype: torch.dtype, align: int, keep_product: bool) -> int:
+    """Keys per chunk: a multiple of `align` whose workspace (B × chunk of H and, where grad_keys' product
+    is kept, chunk × D float32 of it and of the keys it is finished with) fits the limit; never more than
+    N needs."""
+    per_key = B * torch.empty((), dtype=h_dtype).element_size() + (D * 8 if keep_product else 0)
     chunk = max(align, _workspace_bytes // per_key // align * align)
     return min(chunk, triton.cdiv(N, align) * align)
 
@@ -91,21 +93,20 @@ def circle_backward(grad_rows, queries, keys, query_labels, key_labels, inv_norm
     kinds, mixed = tile_launches(order, problem, excluded_keys, class_level, mixed_config)
     queries_cfg = tile_config("grad_queries", queries)
     keys_cfg = tile_config("grad_keys", queries)
-    # grad_similarity splits the rows as far as it takes N's key tiles to fill the device: one split for
-    # the whole call, whatever the chunk, so the radial sums (and so the key gradients) are the same
-    # bits at any workspace limit; each split of each launch writes one row of radial partials per key
-    launches, radial_rows = [], 0
+    # grad_similarity splits the rows as far as it takes N's key tiles to fill the device
+    launches = []
     for tiles, cfg in kinds.items():
         row_splits, rows_per_split = splits_to_fill(B, triton.cdiv(N, cfg.blocks["BLOCK_N"]), cfg.blocks["BLOCK_B"],
                                                     queries)
-        launches.append((tiles, cfg, row_splits, rows_per_split, radial_rows))
-        radial_rows += row_splits
+        launches.append((tiles, cfg, row_splits, rows_per_split))
+    halves, key_groups = key_dim_groups(D, keys_cfg.blocks["BLOCK_D"])
+    finish_keys = key_groups == 1  # grad_keys finishes ∂L/∂K itself; otherwise its float32 product is kept
     align = math.lcm(*(cfg.blocks["BLOCK_N"] for cfg in kinds.values()), queries_cfg.blocks["BLOCK_N"],
                      keys_cfg.blocks["BLOCK_N"])
-    chunk = chunk_keys(B, N, h_dtype, radial_rows, align, need_keys)
+    chunk = chunk_keys(B, N, D, h_dtype, align, need_keys and not finish_keys)
     device = queries.device
     h = torch.empty(B, chunk, device=device, dtype=h_dtype)
-    radial = torch.empty(radial_rows, chunk, device=device, dtype=torch.float32) if need_keys else h
+    product = torch.empty(chunk if need_keys and not finish_keys else 0, D, device=device, dtype=torch.float32)
     raw_q = torch.zeros(B, D, device=device, dtype=torch.float32) if need_queries else None
     grad_k = torch.empty(N, D, device=device, dtype=keys.dtype) if need_keys else None
     precision = dot_precision(h_dtype)
@@ -128,16 +129,16 @@ def circle_backward(grad_rows, queries, keys, query_labels, key_labels, inv_norm
     for key_start in range(0, N, chunk):
         chunk_len = min(chunk, N - key_start)
         span = dict(key_start=key_start, chunk_len=chunk_len, h_stride=chunk)
-        for tiles, cfg, row_splits, rows_per_split, first_radial in launches:
+        for tiles, cfg, row_splits, rows_per_split in launches:
             block_n = cfg.blocks["BLOCK_N"]
             for local_begin, local_end, edge in edge_ranges(chunk_len, block_n):
                 circle_grad_similarity_kernel[(triton.cdiv(local_end - local_begin, block_n), row_splits)](
                     **problem, lse_pos_ptr=lse_pos, lse_neg_ptr=lse_neg, row_scale_ptr=row_scale,
                     grad_rows_ptr=grad_rows, grad_scale_ptr=grad_scale, positive_ptr=positive, h_ptr=h,
-                    h_desc=h_descs[tiles], radial_ptr=radial[first_radial:] if need_keys else radial,
-                    mixed_ptr=mixed, **span, local_begin=local_begin, rows_per_split=rows_per_split,
-                    smooth_pos=smooth_pos, smooth_neg=smooth_neg, DETACH_ALPHA=detach_alpha, NEED_RADIAL=need_keys,
-                    LABEL_SMOOTHING=smoothing, EDGE=edge, TILES=tiles, **loads[tiles], **cfg.kwargs())
+                    h_desc=h_descs[tiles], mixed_ptr=mixed, key_start=key_start, h_stride=chunk,
+                    local_begin=local_begin, rows_per_split=rows_per_split, smooth_pos=smooth_pos,
+                    smooth_neg=smooth_neg, DETACH_ALPHA=detach_alpha, LABEL_SMOOTHING=smoothing, EDGE=edge,
+                    TILES=tiles, **loads[tiles], **cfg.kwargs())
         if need_queries:
             splits, keys_per_split = splits_to_fill(chunk_len, q_tiles, queries_cfg.blocks["BLOCK_N"], queries)
             partial = partials[:splits]
@@ -149,14 +150,18 @@ def circle_backward(grad_rows, queries, keys, query_labels, key_labels, inv_norm
                 **queries_cfg.kwargs())
             raw_q += partial.sum(dim=0)
         if need_keys:
-            chunk_norms = inv_norm_k[key_start:key_start + chunk_len]
-            radial_coef = radial[:, :chunk_len].sum(dim=0) * chunk_norms * chunk_norms  # ‖k_j‖⁻² ρ_j
-            grid = (triton.cdiv(chunk_len, keys_cfg.blocks["BLOCK_N"]), triton.cdiv(D, keys_cfg.blocks["BLOCK_D"]))
+            grid = (triton.cdiv(chunk_len, keys_cfg.blocks["BLOCK_N"]), key_groups)
             circle_grad_keys_kernel[grid](
-                h_ptr=h, q_ptr=queries, k_ptr=keys, radial_coef_ptr=radial_coef, grad_scale_ptr=grad_scale,
-                out_ptr=grad_k, B=B, D=D, stride_qb=queries.stride(0), stride_qd=queries.stride(1),
-                stride_kn=keys.stride(0), stride_kd=keys.stride(1), **span, DOT_PRECISION=precision,
-                **keys_cfg.kwargs())
+                h_ptr=h, q_ptr=queries, k_ptr=keys, inv_norm_k_ptr=inv_norm_k, grad_scale_ptr=grad_scale,
+                out_ptr=grad_k, product_ptr=product, B=B, D=D, stride_qb=queries.stride(0),
+                stride_qd=queries.stride(1), stride_kn=keys.stride(0), stride_kd=keys.stride(1), **span,
+                HALVES=halves, FINISH=finish_keys, DOT_PRECISION=precision, **keys_cfg.kwargs())
+            if not finish_keys:  # the normalisation backward of the chunk's keys, on P in place
+                p, k = product[:chunk_len], keys[key_start:key_start + chunk_len].float()
+                chunk_norms = inv_norm_k[key_start:key_start + chunk_len]
+                radial_coef = torch.linalg.vecdot(p, k) * chunk_norms * chunk_norms  # ‖k_j‖⁻² ρ_j
+                p.addcmul_(k, radial_coef[:, None], value=-1.0).div_(grad_scale)
+                grad_k[key_start:key_start + chunk_len] = p.to(keys.dtype)
     grad_q = None
     if need_queries:  # normalisation backward of the queries: B × D, in float32
         raw_q /= grad_scale

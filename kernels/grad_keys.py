@@ -1,12 +1,18 @@
 """Backward, step 2 (key side): ∂L/∂K for one chunk of keys, with the normalisation backward fused.
 
-Grid: (key blocks of the chunk, D blocks). Program (j, d) forms Hᵀ · Q for its tile, reducing over all
-B rows, and finishes in its epilogue:
+Grid: (key blocks of the chunk, dim groups). Program (j, g) forms P = Hᵀ · Q for its BLOCK_N keys and
+its group of dims, reducing over all B rows, in one or two accumulators of BLOCK_D dims (HALVES).
+When the group is all of D (FINISH: D ≤ HALVES·BLOCK_D, the face-training widths), the program takes
+the radial part from its own product and finishes:
 
-    ∂L/∂k_j = ((Hᵀ · Q)_j - ‖k_j‖⁻² · ρ_j · k_j) / c       ρ_j = Σ_i H_ij (q_i · k_j) = c·‖k_j‖·σ_j
-                                                           (σ_j = Σ_i G_ij s_ij, the radial sum)
+    ∂L/∂k_j = (P_j - ‖k_j‖⁻² · ρ_j · k_j) / c       ρ_j = k_j · P_j = Σ_i H_ij (q_i · k_j) = c·‖k_j‖·σ_j
+                                                   (σ_j = Σ_i G_ij s_ij, the radial sum)
 
-written once, in the dtype of K: no float32 N × D buffer, no second pass.
+written once, in the dtype of K: no float32 N × D buffer, no second pass. ρ_j comes from the very P it
+is removed from (H as stored, in the products' rounding), so the projection is exact to float32: where
+a key's true gradient cancels, as for identical rows, nothing of H's rounding is left radial.
+Wider D runs in several groups, each writing its float32 share of P (chunk × D) for the launcher to
+finish.
 """
 import triton
 import triton.language as tl
@@ -16,29 +22,61 @@ from .tile import matmul
 
 @triton.jit
 def circle_grad_keys_kernel(
-    h_ptr, q_ptr, k_ptr, radial_coef_ptr, grad_scale_ptr, out_ptr,
+    h_ptr, q_ptr, k_ptr, inv_norm_k_ptr, grad_scale_ptr, out_ptr, product_ptr,
     B, D, stride_qb, stride_qd, stride_kn, stride_kd, key_start, chunk_len, h_stride,
-    BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HALVES: tl.constexpr, FINISH: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    local = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    dims = tl.program_id(1).to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D)
-    # keys past the chunk read columns of the workspace that exist (h_stride ≥ every local index of
-    # the grid) and dims ≥ D read dim d mod D: both are never stored, so only rows ≥ B are masked
+    local = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    dims = tl.program_id(1) * (HALVES * BLOCK_D) + tl.arange(0, BLOCK_D)
+    # keys past the chunk read columns of the workspace that exist (h_stride ≥ every local index of the
+    # grid) and are never stored; rows ≥ B and dims ≥ D are masked (zeros)
     steps = tl.arange(0, BLOCK_B)
     h_ptrs = h_ptr + steps[:, None] * h_stride + local[None, :]
-    q_ptrs = q_ptr + steps[:, None] * stride_qb + (dims % D)[None, :] * stride_qd
-    acc = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+    q_ptrs = q_ptr + steps[:, None] * stride_qb + dims[None, :] * stride_qd
+    in_dims = (dims < D)[None, :]
+    in_dims_2 = (dims + BLOCK_D < D)[None, :]
+    product = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+    product_2 = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)  # the second half (HALVES == 2)
     for b0 in range(0, B, BLOCK_B):
-        in_range = (b0 + steps < B)[:, None]
-        h = tl.load(h_ptrs, mask=in_range, other=0.0)
-        q = tl.load(q_ptrs, mask=in_range, other=0.0)
-        acc = matmul(tl.trans(h), q, acc, DOT_PRECISION)
+        in_rows = (b0 + steps < B)[:, None]
+        h_t = tl.trans(tl.load(h_ptrs, mask=in_rows, other=0.0))
+        product = matmul(h_t, tl.load(q_ptrs, mask=in_rows & in_dims, other=0.0), product, DOT_PRECISION)
+        if HALVES == 2:
+            q_2 = tl.load(q_ptrs + BLOCK_D * stride_qd, mask=in_rows & in_dims_2, other=0.0)
+            product_2 = matmul(h_t, q_2, product_2, DOT_PRECISION)
         h_ptrs += BLOCK_B * h_stride
         q_ptrs += BLOCK_B * stride_qb
-    # normalisation backward: the tangential part of Hᵀ · Q, divided by c
-    keys = key_start + local
-    out_mask = (local < chunk_len)[:, None] & (dims < D)[None, :]
-    k = tl.load(k_ptr + keys[:, None] * stride_kn + dims[None, :] * stride_kd, mask=out_mask, other=0.0)
-    radial_coef = tl.load(radial_coef_ptr + local, mask=local < chunk_len, other=0.0)
-    grad = (acc - radial_coef[:, None] * k.to(tl.float32)) * (1.0 / tl.load(grad_scale_ptr))
-    tl.store(out_ptr + keys[:, None] * D + dims[None, :], grad.to(out_ptr.dtype.element_ty), mask=out_mask)
+    in_chunk = (local < chunk_len)[:, None]
+    if FINISH:  # the normalisation backward: the tangential part of P, divided by c
+        keys = (key_start + local).to(tl.int64)
+        k_ptrs = k_ptr + keys[:, None] * stride_kn + dims[None, :] * stride_kd
+        radial = tl.sum(tl.load(k_ptrs, mask=in_chunk & in_dims, other=0.0).to(tl.float32) * product, axis=1)
+        if HALVES == 2:
+            k_2 = tl.load(k_ptrs + BLOCK_D * stride_kd, mask=in_chunk & in_dims_2, other=0.0)
+            radial += tl.sum(k_2.to(tl.float32) * product_2, axis=1)
+        inv_norm_k = tl.load(inv_norm_k_ptr + keys, mask=local < chunk_len, other=0.0)
+        radial_coef = (radial * inv_norm_k * inv_norm_k)[:, None]
+        unscale = 1.0 / tl.load(grad_scale_ptr)
+        # k read again, one half at a time (evict_first: a load of its own, not the one above held
+        # through the sums, which would not leave the registers for both)
+        out = out_ptr + keys[:, None] * D + dims[None, :]
+        k = tl.load(k_ptrs, mask=in_chunk & in_dims, other=0.0, eviction_policy="evict_first").to(tl.float32)
+        tl.store(out, ((product - radial_coef * k) * unscale).to(out_ptr.dtype.element_ty), mask=in_chunk & in_dims)
+        if HALVES == 2:
+            k_2 = tl.load(k_ptrs + BLOCK_D * stride_kd, mask=in_chunk & in_dims_2, other=0.0,
+                          eviction_policy="evict_first").to(tl.float32)
+            tl.store(out + BLOCK_D, ((product_2 - radial_coef * k_2) * unscale).to(out_ptr.dtype.element_ty),
+                     mask=in_chunk & in_dims_2)
+    else:  # this group's dims of P, float32 (chunk × D)
+        out = product_ptr + local.to(tl.int64)[:, None] * D + dims[None, :]
+        tl.store(out, product, mask=in_chunk & in_dims)
+        if HALVES == 2:
+            tl.store(out + BLOCK_D, product_2, mask=in_chunk & in_dims_2)
+
+
+def key_dim_groups(D: int, block_d: int) -> tuple[int, int]:
+    """(HALVES, groups): circle_grad_keys_kernel holds ∂L/∂K's dims in one or two BLOCK_D accumulators,
+    and D wider than that in several groups of programs (then it writes P for the launcher to finish)."""
+    halves = 2 if D > block_d else 1
+    return halves, triton.cdiv(D, halves * block_d)

@@ -6,18 +6,9 @@ weight of the logit within its own log-sum-exp) · slope, and writes
 
   H_ij = G_ij · (1/‖q_i‖) · (1/‖k_j‖) · c      into the workspace (B × chunk, the operands' dtype),
 
-while it sums H_ij · (q_i · k̂_j), with H as stored, over its rows (RADIAL_TILE: into a half-tile
-accumulator, each thread adding its own two rows of a wgmma tile, the rest summed once after the last
-row block; otherwise summed over each tile's rows), and writes
-
-  Σ_i H_ij · (q_i · k_j) over its rows           into its row of the radial partials (splits × chunk).
-
 where c is a power of two that keeps fp16 workspaces in range (1 for bf16 and fp32). With H, the two
-matrix products of backward take raw operands: H · K = c·G · K̂ / ‖q_i‖ and Hᵀ · Q = c·Gᵀ · Q̂ / ‖k_j‖.
-The radial sums c·σ_j = c·Σ_i G_ij s_ij are summed from H as stored (rounded to the workspace dtype),
-so that grad_keys removes exactly the radial part of the Hᵀ · Q it computes (summed from H before
-rounding, the rounding's radial part stays in ∂L/∂K: where a key's gradients cancel, as for identical
-rows, that doubles the error; tests/test_properties.py found it).
+matrix products of backward take raw operands: H · K = c·G · K̂ / ‖q_i‖ and Hᵀ · Q = c·Gᵀ · Q̂ / ‖k_j‖
+(grad_keys takes the normalisation's radial part from its own product, so nothing else is summed here).
 The tile is held in units of 1/‖q_i‖ (t = q_i · k̂_j; see tile.circle_epilogue). Class-level tiles
 apply the negative formula everywhere and take each row's one positive, H_{i,a_i}·‖k_{a_i}‖, from
 circle_positive_gradient_kernel (one gathered dot a row), in place: one compare and one select.
@@ -25,8 +16,8 @@ With TMA the operands come through tensor descriptors and H leaves through one (
 last partial tile runs in a launch of its own (EDGE), the only one that masks keys past N.
 A problem sorted by label (label_order.py) runs two launches: TILES "negative" takes the row blocks
 whose mixed range misses the program's key tile (the negatives-only epilogue, no labels, no masks but
-EDGE's), "mixed" the others; each writes its own rows of radial partials.
-Every element of both outputs has one writer: no atomics, the same bits on every run.
+EDGE's), "mixed" the others.
+Every element of H has one writer: no atomics, the same bits on every run.
 With LABEL_SMOOTHING, G_ij = g_i·(σ_i·weight − c)·slope: the smoothed target moves c = c_p = ε(1 − 1/C)
 from the positive and c = c_n = ε/C onto every negative.
 """
@@ -100,12 +91,12 @@ def circle_positive_gradient_kernel(
 def circle_grad_similarity_kernel(
     q_ptr, k_ptr, q_desc, k_desc, q_label_ptr, k_label_ptr, inv_norm_q_ptr, inv_norm_k_ptr, excluded_key_ptr,
     lse_pos_ptr, lse_neg_ptr, row_scale_ptr, grad_rows_ptr, grad_scale_ptr, positive_ptr, h_ptr, h_desc,
-    radial_ptr, mixed_ptr,
-    B, N, D, stride_qb, stride_qd, stride_kn, stride_kd, key_start, chunk_len, h_stride, local_begin,
+    mixed_ptr,
+    B, N, D, stride_qb, stride_qd, stride_kn, stride_kd, key_start, h_stride, local_begin,
     rows_per_split,
     margin, gamma, smooth_pos, smooth_neg,
-    CLASS_LEVEL: tl.constexpr, EXCLUDE_KEY: tl.constexpr, DETACH_ALPHA: tl.constexpr, NEED_RADIAL: tl.constexpr,
-    LABEL_SMOOTHING: tl.constexpr, EDGE: tl.constexpr, TILES: tl.constexpr, RADIAL_TILE: tl.constexpr,
+    CLASS_LEVEL: tl.constexpr, EXCLUDE_KEY: tl.constexpr, DETACH_ALPHA: tl.constexpr,
+    LABEL_SMOOTHING: tl.constexpr, EDGE: tl.constexpr, TILES: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
     TMA: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
@@ -119,10 +110,6 @@ def circle_grad_similarity_kernel(
     k_label = column_labels(k_label_ptr, first_key, N, BLOCK_N, CLASS_LEVEL)
     if EDGE:  # the last partial tile: keys past N are no pair
         in_bounds = keys_in_bounds(first_key, N, BLOCK_N)[None, :]
-    # Σ_i H_ij (q_i · k_j) = Σ_i (H_ij·‖k_j‖)(q_i · k̂_j): RADIAL_TILE keeps it per (16-row group, row mod 8,
-    # key), each thread adding its own two rows of a tile (r, r + 8) as they come and the groups summed
-    # once, at the end; otherwise the tile's rows are summed every tile
-    radial = tl.zeros((BLOCK_B // 16, 8, BLOCK_N) if RADIAL_TILE else (BLOCK_N,), tl.float32)
     row_stop = tl.minimum(split.to(tl.int64) * rows_per_split + rows_per_split, B)
     for rows_start in range(split.to(tl.int64) * rows_per_split, row_stop, BLOCK_B):
         # every row block (TILES "all"), or (sorted problems, label_order.py) only those whose mixed
@@ -164,13 +151,3 @@ def circle_grad_similarity_kernel(
                 h_desc.store([tl.cast(rows_start, tl.int32), tl.cast(local0, tl.int32)], h)
             else:
                 tl.store(h_ptr + rows[:, None] * h_stride + local[None, :], h, mask=row_ok[:, None])
-            if NEED_RADIAL:
-                stored = h.to(tl.float32) * t  # H_ij (q_i · k̂_j), from H as stored
-                if RADIAL_TILE:
-                    radial += tl.sum(tl.reshape(stored, (BLOCK_B // 16, 2, 8, BLOCK_N)), axis=1)
-                else:
-                    radial += tl.sum(stored, axis=0)
-    if NEED_RADIAL:  # c·σ_j's share from this split's rows, times ‖k_j‖: Σ_i H_ij (q_i · k̂_j) ‖k_j‖
-        if RADIAL_TILE:
-            radial = tl.sum(tl.sum(radial, axis=0), axis=0)
-        tl.store(radial_ptr + split * h_stride + local, radial / inv_norm_k, mask=local < chunk_len)

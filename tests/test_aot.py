@@ -15,16 +15,17 @@ KERNELS = {"inv_norm_kernel", "circle_forward_kernel", "circle_grad_similarity_k
 KEYS = {"kernel", "arch", "config", "registers", "spill_bytes", "shared_bytes", "mma_flops_per_tile",
         "issue_to_mma", "sync_waits", "sass"}
 # The matrix-product flops of one iteration of each kernel's outer loop: a BLOCK_B × BLOCK_N tile of S
-# over D = 512 for the tile kernels, one BLOCK_B × BLOCK_N × BLOCK_D step for the two plain products.
+# over D = 512 for the tile kernels, one BLOCK_B × BLOCK_N × BLOCK_D step for grad_queries, and for
+# grad_keys one step into each of its accumulators (two BLOCK_D halves where D = 512 is wider than one).
 TILE_FLOPS = {
     "circle_forward_kernel": lambda b, n, d: 2 * b * n * 512,
     "circle_grad_similarity_kernel": lambda b, n, d: 2 * b * n * 512,
     "circle_grad_queries_kernel": lambda b, n, d: 2 * b * n * d,
-    "circle_grad_keys_kernel": lambda b, n, d: 2 * b * n * d,
+    "circle_grad_keys_kernel": lambda b, n, d: 2 * b * n * d * (2 if 512 > d else 1),
 }
 # No preset spills. (grad_similarity's sm_90 preset did, up to 360 bytes, until its radial sums moved
-# out of the per-tile epilogue into a (half-)tile-shaped accumulator and its key labels were read once
-# per program; docs/design.md.)
+# out of the per-tile epilogue, first into a (half-)tile-shaped accumulator, then out of the kernel into
+# grad_keys' own product; grad_keys' did, until its epilogue read K one half at a time; docs/design.md.)
 SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}  # bytes per block
 
 
@@ -78,18 +79,26 @@ def test_class_level_forward_is_tensor_core_bound_on_sm90(report):
 
 def test_face_training_backward_tile_stays_near_the_budget(report):
     """The face-training backward tile (class-level grad_similarity, 16-bit, sm_90: an epilogue in units
-    of 1/‖q_i‖, the positive from a per-row value, 64 × 128 tiles in 256-wide chunks) issues at most 0.75
-    of its tensor-core cycles with α detached (0.71 with triton 3.9, 0.68 with 3.6; 1.19 before the
-    epilogue was folded) and 0.9 with the true derivative (0.85 / 0.82; 1.27 before); a sorted problem's
-    negatives-only tiles 0.7 (0.65 / 0.63), and their forward tiles keep the budget (0.49)."""
+    of 1/‖q_i‖, the positive from a per-row value, no radial sums, 64 × 128 tiles in 256-wide chunks)
+    issues at most 0.68 of its tensor-core cycles with α detached (0.63 with triton 3.9; 1.19 before the
+    epilogue was folded, 0.71 while it summed the radial part) and 0.82 with the true derivative (0.77;
+    1.27, 0.85); a sorted problem's negatives-only tiles keep the budget with α detached (0.54) and stay
+    under 0.72 with the true derivative (0.67), and their forward tiles keep it (0.49). Pair-wise tiles
+    that hold positives stay under 1.05 (0.67-1.00; 1.03-1.24 before). grad_keys, with the
+    normalisation's radial part taken from its own product, keeps the budget (0.41)."""
     _, rows, _ = report
     tiles = {(row["kernel"], row["variant"]): row["issue_to_mma"] for row in rows if row["arch"] == 90}
     backward = "circle_grad_similarity_kernel"
-    assert tiles[backward, "bf16 class-level detach-alpha"] <= 0.75
-    assert tiles[backward, "bf16 class-level full-alpha"] <= 0.9
+    assert tiles[backward, "bf16 class-level detach-alpha"] <= 0.68
+    assert tiles[backward, "bf16 class-level full-alpha"] <= 0.82
     for form in ("class-level", "pair-wise"):
-        assert tiles[backward, f"bf16 {form} negative tiles detach-alpha"] <= 0.7
+        assert tiles[backward, f"bf16 {form} negative tiles detach-alpha"] <= 0.6
+        assert tiles[backward, f"bf16 {form} negative tiles full-alpha"] <= 0.72
         assert tiles["circle_forward_kernel", f"bf16 {form} negative tiles"] <= 0.6
+    for variant in ("pair-wise", "pair-wise exclude-self"):
+        for mode in ("detach", "full"):
+            assert tiles[backward, f"bf16 {variant} {mode}-alpha"] <= 1.05
+    assert tiles["circle_grad_keys_kernel", "bf16"] <= 0.6
 
 
 def test_the_budget_line_counts_the_rows(report):

@@ -285,12 +285,13 @@ def test_preset_families():
         arch_family(7, 96 * 1024)
 
 
-@pytest.mark.parametrize("D,sort", [(70, False), (72, False), (72, True)])  # rows of 140 / 144 bytes in bf16:
-# pointers / tensor descriptors; sorted by label (label_order.py), as from 512 rows
+@pytest.mark.parametrize("D,sort", [(70, False), (72, False), (72, True), (300, False)])  # rows of 140 / 144
+# bytes in bf16: pointers / tensor descriptors; sorted by label (label_order.py), as from 512 rows; D = 300:
+# grad_keys' second 256-wide accumulator, partly past D (fp32: several groups, the product finished apart)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_sm90_presets_under_the_interpreter(dtype, D, sort, monkeypatch):
     """The interpreter runs the H100 tiles (16 bits: forward 64 × 256 × 64 and 64 × 128 × 128,
-    grad_similarity 64 × 128 × 256 and 64 × 64 × 256) on a case that crosses their row, key and D
+    grad_similarity 64 × 128 × 256, grad_keys 64 keys × two 256-wide halves) on a case that crosses their row, key and D
     boundaries, through both operand paths and, sorted, with negatives-only and mixed tiles of different
     widths side by side, so their masking is checked without a GPU."""
     from circleloss_ext.kernels import label_order, presets

@@ -162,8 +162,9 @@ def g_rounding_floor(p, emb, keys, labels, key_labels):
 
 
 @pytest.mark.parametrize("backend", ["triton", "cpu"])
-# Identical rows (an expanded layout), whose true gradients cancel: the Triton backward must take its radial
-# sums from H as stored, or the radial part of H's bf16 rounding is left in (found by this test).
+# Identical rows (an expanded layout), whose true gradients cancel: the Triton backward must take the
+# radial part of ∂L/∂K from H as stored (now grad_keys' own product), or the radial part of H's bf16
+# rounding is left in (found by this test when the sums were taken from H before rounding).
 @example(problem={"form": "in batch", "B": 10, "N": 10, "D": 2, "pattern": "random", "num_labels": 2,
                   "dtype": torch.bfloat16, "layouts": ["expanded", "contiguous"],
                   "label_layouts": ["contiguous", "contiguous"], "m": 0.0, "peaked": False, "gamma": 1.0,

@@ -115,8 +115,8 @@ def test_sorted_pairwise_launches_with_different_tile_widths(sorted_by_label, mo
     """On sm_90 the negatives-only tiles take the class-level presets, twice as wide as the mixed ones
     (forward 256 / 128 keys, grad_similarity 128 / 64): the mixed ranges are whole tiles of both."""
     wide = {"forward": presets._tiles(16, 64, 16, 4, 1),
-            "grad_similarity": presets._tiles(16, 64, 16, 4, 1, RADIAL_TILE=False),
-            "grad_similarity_full": presets._tiles(16, 64, 16, 4, 1, RADIAL_TILE=False)}
+            "grad_similarity": presets._tiles(16, 64, 16, 4, 1),
+            "grad_similarity_full": presets._tiles(16, 64, 16, 4, 1)}
     monkeypatch.setattr(presets, "_INTERPRETER", {**presets._INTERPRETER, **wide})
     emb, keys, labels, key_labels = make_inputs(70, 150, 24, num_labels=30)
     check_against_reference(cl.pairwise_circle_loss, (emb, labels), "triton", reduction="sum")

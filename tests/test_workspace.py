@@ -29,18 +29,14 @@ def test_backward_in_several_chunks(form, small_workspace):
         check_against_reference(against, (emb, labels, keys, key_labels), "triton")
 
 
-@pytest.mark.parametrize("radial_tile", [False, True])
+@pytest.mark.parametrize("D", [24, 40])  # grad_keys finishes ∂L/∂K itself; its float32 product finished apart
 @pytest.mark.parametrize("N", [70, 130])  # two and one row splits of grad_similarity under the interpreter
-def test_key_gradients_are_the_same_bits_at_any_cap(N, radial_tile, small_workspace, monkeypatch):
-    """Chunks start on tile boundaries and grad_similarity splits rows by the whole problem, never by
-    the chunk: the key gradients of one chunk and of chunks of one tile are the same bits (both ways
-    of keeping the radial sums; a split count that followed the chunk regroups their float32 sums)."""
-    from circleloss_ext.kernels import presets
-    config = presets._INTERPRETER["grad_similarity"]
-    monkeypatch.setitem(presets._INTERPRETER, "grad_similarity",
-                        presets.LaunchConfig({**config.blocks, "RADIAL_TILE": radial_tile}, config.num_warps,
-                                             config.num_stages))
-    emb, keys, labels, _ = make_inputs(37, N, 24)
+def test_key_gradients_are_the_same_bits_at_any_cap(N, D, small_workspace):
+    """Chunks start on tile boundaries and each key's gradient is reduced over all rows by one program of
+    grad_keys, whatever the chunk: the key gradients of one chunk and of chunks of one tile are the same
+    bits (under the interpreter's grad_keys preset, D = 24 is finished in the kernel, D = 40 from the
+    float32 product it keeps)."""
+    emb, keys, labels, _ = make_inputs(37, N, D)
     whole = run(cl.circle_loss, (emb, keys, labels), backend="triton")
     cl.set_workspace_limit(37 * 32 * 4)  # 32 keys of H per chunk, the last one partial
     chunked = run(cl.circle_loss, (emb, keys, labels), backend="triton")
@@ -50,9 +46,13 @@ def test_key_gradients_are_the_same_bits_at_any_cap(N, radial_tile, small_worksp
 
 def test_chunk_size_follows_the_cap():
     from circleloss_ext.kernels.backward import chunk_keys
-    assert chunk_keys(1024, 1_000_000, torch.bfloat16, 8, 128, True) == (1 << 30) // (1024 * 2 + 32) // 128 * 128
-    assert chunk_keys(4, 100, torch.float32, 1, 32, True) == 128  # never more than N needs
-    assert chunk_keys(10**6, 10**6, torch.float32, 10**4, 256, True) == 256  # at least one aligned step
+    gib = 1 << 30
+    assert chunk_keys(1024, 1_000_000, 512, torch.bfloat16, 128, False) == gib // (1024 * 2) // 128 * 128
+    # where grad_keys keeps its float32 product (D wider than its accumulators), that counts too, with
+    # the float32 keys it is finished with
+    assert chunk_keys(1024, 1_000_000, 1024, torch.bfloat16, 128, True) == gib // (1024 * 2 + 1024 * 8) // 128 * 128
+    assert chunk_keys(4, 100, 8, torch.float32, 32, False) == 128  # never more than N needs
+    assert chunk_keys(10**6, 10**6, 8, torch.float32, 256, False) == 256  # at least one aligned step
 
 
 @pytest.mark.parametrize("bad", [0, -5, 1.5, True, "1GB"])
