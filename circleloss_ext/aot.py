@@ -143,7 +143,7 @@ def compile_launch(launch, arch: int, sass_dir: str = None) -> dict:
                               options={"num_warps": config.num_warps, "num_stages": config.num_stages})
     usage = resource_usage(compiled.asm["cubin"])
     sass = _cuobjdump(compiled.asm["cubin"], "-sass")
-    counts = tile_counts(sass, config.num_warps, config.blocks["BLOCK_D"])
+    counts = tile_counts(sass, config.num_warps, config.blocks.get("BLOCK_D", ANALYSIS_D))
     mma_cycles = counts["mma_flops"] / _TENSOR_FLOPS_PER_CYCLE[operand_width(launch.dtype)]
     row = {"kernel": launch.fn.__name__, "variant": launch.variant, "arch": arch, "config": config.label(),
            "registers": usage["REG"], "spill_bytes": usage["STACK"] + usage["LOCAL"],

@@ -131,6 +131,8 @@ def _check_sizes(queries: Tensor, keys: Tensor, query_labels: Tensor, key_labels
         raise ValueError("exclude_self: in-batch keys must be the queries (N = B)")
     if exclude_self and excluded_keys is not None:
         raise ValueError("excluded_keys is for reference sets; in-batch keys (exclude_self) leave out i itself")
+    if key_labels is None and excluded_keys is not None:
+        raise ValueError("excluded_keys is for reference sets; class-level keys (key_labels None) have none")
     if excluded_keys is not None and excluded_keys.dtype != torch.int64:
         raise ValueError(f"excluded_keys must be int64, got {excluded_keys.dtype}")
     B, N = queries.shape[0], keys.shape[0]

@@ -20,7 +20,8 @@ import torch
 from .forward import circle_forward_kernel
 from .grad_keys import circle_grad_keys_kernel, key_dim_groups
 from .grad_queries import circle_grad_queries_kernel
-from .grad_similarity import circle_grad_similarity_kernel, circle_positive_gradient_kernel
+from .grad_similarity import (circle_class_pairs_kernel, circle_grad_similarity_kernel,
+                              circle_positive_gradient_kernel)
 from .presets import LaunchConfig, dot_precision
 from .row_norm import inv_norm_kernel
 
@@ -114,10 +115,12 @@ def launches(dtypes=tuple(OPERAND_TYPES)) -> list[Launch]:
             kernel = "forward" if class_presets else "forward_pairwise"
             result.append(_launch(kernel, circle_forward_kernel, dtype, form, typed, DOT_PRECISION=precision,
                                   TRACK_TOP1=False, NEGATIVE_SUM=False, EDGE=False, TILES=tiles, **flags))
+            if flags["CLASS_LEVEL"] and tiles == "negative":  # the backward does not sort class-level rows
+                continue
             for detach in (True, False):
                 variant = f"{form} {'detach' if detach else 'full'}-alpha"
-                preset = ("grad_similarity_pairwise" if not class_presets else
-                          "grad_similarity" if detach else "grad_similarity_full")
+                preset = ("grad_similarity" if class_presets else "grad_similarity_pairwise") + \
+                    ("" if detach else "_full")
                 result.append(_launch(preset, circle_grad_similarity_kernel, dtype, variant,
                                       {**typed, "h_ptr": x}, DETACH_ALPHA=detach,
                                       LABEL_SMOOTHING=False, EDGE=False, TILES=tiles,
@@ -126,6 +129,8 @@ def launches(dtypes=tuple(OPERAND_TYPES)) -> list[Launch]:
             result.append(_launch("positive_gradient", circle_positive_gradient_kernel, dtype,
                                   f"class-level {'detach' if detach else 'full'}-alpha", circle,
                                   DETACH_ALPHA=detach, LABEL_SMOOTHING=False))
+        result.append(_launch("class_pairs", circle_class_pairs_kernel, dtype, "class-level",
+                              {"h_ptr": x, "q_label_ptr": "i64"}))
         result.append(_launch("grad_queries", circle_grad_queries_kernel, dtype, "", {"h_ptr": x, "k_ptr": x},
                               DOT_PRECISION=precision))
         result.append(_launch("grad_keys", circle_grad_keys_kernel, dtype, "",

@@ -2,7 +2,8 @@
 
 Class-level keys first get each row's positive (circle_positive_gradient_kernel, O(B·D)). Then, for
 each chunk of keys [k0, k0 + chunk):
-  1. grad_similarity: recompute S, write H (B × chunk, the operands' dtype);
+  1. grad_similarity: recompute S, write H (B × chunk, the operands' dtype); class-level tiles write the
+     negative formula everywhere, and circle_class_pairs_kernel then writes each row's positive over it;
   2. grad_queries: R += H · K_chunk (float32 partial sums, added in a fixed order);
   3. grad_keys: P = Hᵀ · Q and ∂L/∂K_chunk = (P_j - ‖k_j‖⁻² ρ_j k_j) / c with ρ_j = k_j · P_j, written in
      K's dtype (D wider than grad_keys' accumulators: P in float32, finished here).
@@ -18,7 +19,8 @@ import triton
 
 from .grad_keys import circle_grad_keys_kernel, key_dim_groups
 from .grad_queries import circle_grad_queries_kernel
-from .grad_similarity import circle_grad_similarity_kernel, circle_positive_gradient_kernel
+from .grad_similarity import (circle_class_pairs_kernel, circle_grad_similarity_kernel,
+                              circle_positive_gradient_kernel)
 from .label_order import label_order, tile_launches
 from .presets import dot_precision, splits_to_fill, tile_config
 from .tile import edge_ranges, operand_loads, problem_arguments, workspace_descriptor
@@ -72,8 +74,10 @@ def circle_backward(grad_rows, queries, keys, query_labels, key_labels, inv_norm
     grad_rows: float32 (B,) upstream gradient g_i of each row loss L_i = softplus(LP_i + LN_i)
     - smooth_pos·LP_i - smooth_neg·V_i (label smoothing: V_i the sum of the row's negative logits).
     """
-    order = label_order(query_labels, key_labels)
-    if order is not None:  # as the forward sorted it (label_order.py); the gradients are put back at the end
+    # pair-wise problems are sorted as the forward sorted them (label_order.py: most tiles then hold
+    # negatives only) and their gradients put back at the end; class-level tiles are all negatives-only
+    order = label_order(query_labels, key_labels) if key_labels is not None else None
+    if order is not None:
         queries, keys, query_labels, key_labels, inv_norm_q, inv_norm_k, excluded_keys = order.sort(
             queries, keys, query_labels, key_labels, inv_norm_q, inv_norm_k, excluded_keys)
         grad_rows, lse_pos, lse_neg = grad_rows[order.rows], lse_pos[order.rows], lse_neg[order.rows]
@@ -85,11 +89,12 @@ def circle_backward(grad_rows, queries, keys, query_labels, key_labels, inv_norm
     smoothing = smooth_pos != 0.0 or smooth_neg != 0.0
     grad_scale = _grad_scale(h_dtype, row_scale, grad_rows, max(abs(smooth_pos), abs(smooth_neg)), inv_norm_q,
                              inv_norm_k, margin, gamma)
-    # class-level keys with α detached (face training's default) take the widest tiles; the true
-    # derivative's and pair-wise epilogues hold more per similarity. A sorted problem's negatives-only
-    # tiles take the class-level presets.
+    # class-level keys with α detached (face training's default), with the true derivative, and pair-wise
+    # tiles that may hold both kinds have their presets; a sorted problem's negatives-only tiles take the
+    # class-level ones
     class_level = tile_config("grad_similarity" if detach_alpha else "grad_similarity_full", queries)
-    mixed_config = class_level if key_labels is None else tile_config("grad_similarity_pairwise", queries)
+    mixed_config = class_level if key_labels is None else tile_config(
+        "grad_similarity_pairwise" if detach_alpha else "grad_similarity_pairwise_full", queries)
     kinds, mixed = tile_launches(order, problem, excluded_keys, class_level, mixed_config)
     queries_cfg = tile_config("grad_queries", queries)
     keys_cfg = tile_config("grad_keys", queries)
@@ -115,7 +120,7 @@ def circle_backward(grad_rows, queries, keys, query_labels, key_labels, inv_norm
         max_splits, _ = splits_to_fill(min(chunk, N), q_tiles, queries_cfg.blocks["BLOCK_N"], queries)
         partials = torch.empty(max_splits, B, D, device=device, dtype=torch.float32)
     positive = torch.empty(B if key_labels is None else 0, device=device, dtype=torch.float32)
-    if key_labels is None:  # H_{i,a_i}·‖k_{a_i}‖ of each row's one positive, which the tiles take in place
+    if key_labels is None:  # H_{i,a_i}·‖k_{a_i}‖ of each row's one positive, written over the tiles
         positive_cfg = tile_config("positive_gradient", queries)
         circle_positive_gradient_kernel[(triton.cdiv(B, positive_cfg.blocks["BLOCK_B"]),)](
             q_ptr=queries, k_ptr=keys, q_label_ptr=problem["q_label_ptr"], inv_norm_q_ptr=inv_norm_q,
@@ -134,11 +139,16 @@ def circle_backward(grad_rows, queries, keys, query_labels, key_labels, inv_norm
             for local_begin, local_end, edge in edge_ranges(chunk_len, block_n):
                 circle_grad_similarity_kernel[(triton.cdiv(local_end - local_begin, block_n), row_splits)](
                     **problem, lse_pos_ptr=lse_pos, lse_neg_ptr=lse_neg, row_scale_ptr=row_scale,
-                    grad_rows_ptr=grad_rows, grad_scale_ptr=grad_scale, positive_ptr=positive, h_ptr=h,
+                    grad_rows_ptr=grad_rows, grad_scale_ptr=grad_scale, h_ptr=h,
                     h_desc=h_descs[tiles], mixed_ptr=mixed, key_start=key_start, h_stride=chunk,
                     local_begin=local_begin, rows_per_split=rows_per_split, smooth_pos=smooth_pos,
                     smooth_neg=smooth_neg, DETACH_ALPHA=detach_alpha, LABEL_SMOOTHING=smoothing, EDGE=edge,
                     TILES=tiles, **loads[tiles], **cfg.kwargs())
+        if key_labels is None:
+            pairs_cfg = tile_config("class_pairs", queries)
+            circle_class_pairs_kernel[(triton.cdiv(B, pairs_cfg.blocks["BLOCK_B"]),)](
+                h_ptr=h, q_label_ptr=problem["q_label_ptr"], positive_ptr=positive, inv_norm_k_ptr=inv_norm_k, B=B,
+                **span, **pairs_cfg.kwargs())
         if need_queries:
             splits, keys_per_split = splits_to_fill(chunk_len, q_tiles, queries_cfg.blocks["BLOCK_N"], queries)
             partial = partials[:splits]

@@ -101,7 +101,7 @@ def circle_forward_kernel(
             # negatives only: class-level tiles mask the row's own class (the positive, gathered after
             # the loop); pair-wise tiles outside the mixed range hold no positive and no excluded key
             logit, _ = circle_epilogue(t, False, norm_q, inv_norm_q, margin, scale2, no_offset, no_offset,
-                                       no_offset, True)
+                                       no_offset, True, True)
             if CLASS_LEVEL and TILES != "negative":
                 present = present & ~positive_pairs(q_label, column_labels(k_label_ptr, n0, N, BLOCK_N, True), n0,
                                                     True)
@@ -116,7 +116,7 @@ def circle_forward_kernel(
         else:
             is_pos = positive_pairs(q_label, column_labels(k_label_ptr, n0, N, BLOCK_N, False), n0, False)
             logit, _ = circle_epilogue(t, is_pos, norm_q, inv_norm_q, margin, scale2, no_offset, no_offset,
-                                       no_offset, True)
+                                       no_offset, True, False)
             logit = tl.where(present, logit, float("-inf"))
             if TRACK_TOP1:
                 top_pos = tl.maximum(top_pos, tl.max(tl.where(is_pos & present, t, float("-inf")), axis=1)
@@ -144,7 +144,7 @@ def circle_forward_kernel(
             t_pos, has_pos = gathered_positive(q_ptr, k_ptr, inv_norm_k_ptr, rows, q_label, B, N, D, stride_qb,
                                                stride_qd, stride_kn, stride_kd, BLOCK_B, BLOCK_D)
             logit_pos, _ = circle_epilogue(t_pos[:, None], True, norm_q, inv_norm_q, margin, scale2, no_offset,
-                                           no_offset, no_offset, True)
+                                           no_offset, no_offset, True, True)
             lse_pos = tl.where(has_pos, tl.sum(logit_pos, axis=1), float("-inf"))
             top_pos = tl.where(has_pos, t_pos * inv_norm_q, float("-inf"))
     out = split.to(tl.int64) * B + rows

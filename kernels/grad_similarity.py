@@ -10,13 +10,14 @@ where c is a power of two that keeps fp16 workspaces in range (1 for bf16 and fp
 matrix products of backward take raw operands: H · K = c·G · K̂ / ‖q_i‖ and Hᵀ · Q = c·Gᵀ · Q̂ / ‖k_j‖
 (grad_keys takes the normalisation's radial part from its own product, so nothing else is summed here).
 The tile is held in units of 1/‖q_i‖ (t = q_i · k̂_j; see tile.circle_epilogue). Class-level tiles
-apply the negative formula everywhere and take each row's one positive, H_{i,a_i}·‖k_{a_i}‖, from
-circle_positive_gradient_kernel (one gathered dot a row), in place: one compare and one select.
+apply the negative formula to every key, with no labels and no masks: each row's one positive (from
+circle_positive_gradient_kernel, one gathered dot a row) is written over them afterwards, one entry a
+row (circle_class_pairs_kernel).
 With TMA the operands come through tensor descriptors and H leaves through one (h_desc); the chunk's
 last partial tile runs in a launch of its own (EDGE), the only one that masks keys past N.
-A problem sorted by label (label_order.py) runs two launches: TILES "negative" takes the row blocks
-whose mixed range misses the program's key tile (the negatives-only epilogue, no labels, no masks but
-EDGE's), "mixed" the others.
+A pair-wise problem sorted by label (label_order.py) runs two launches: TILES "negative" takes the row
+blocks whose mixed range misses the program's key tile (the negatives-only epilogue, no labels, no masks
+but EDGE's), "mixed" the others.
 Every element of H has one writer: no atomics, the same bits on every run.
 With LABEL_SMOOTHING, G_ij = g_i·(σ_i·weight − c)·slope: the smoothed target moves c = c_p = ε(1 − 1/C)
 from the positive and c = c_n = ε/C onto every negative.
@@ -49,7 +50,8 @@ def _row_terms(inv_norm_q_ptr, lse_pos_ptr, lse_neg_ptr, row_scale_ptr, grad_row
 
 @triton.jit
 def _gradient(t, is_pos, norm_q, inv_norm_q, lse_pos2, lse_neg2, row_factor, row_scale, grad_row, margin, gamma,
-              smooth_pos, smooth_neg, DETACH_ALPHA: tl.constexpr, LABEL_SMOOTHING: tl.constexpr):
+              smooth_pos, smooth_neg, DETACH_ALPHA: tl.constexpr, LABEL_SMOOTHING: tl.constexpr,
+              ONE_KIND: tl.constexpr):
     """H_ij·‖k_j‖ = c·G_ij/‖q_i‖ for a tile of t = q_i · k̂_j, with the row terms of _row_terms, where
     G_ij = σ_i·w_ij·γ·slope_ij (w_ij the softmax weight of the logit within LP_i or LN_i), or with label
     smoothing G_ij = (σ_i·w_ij - g_i·c_kind)·γ·slope_ij; the row factors ride on the slope."""
@@ -58,7 +60,7 @@ def _gradient(t, is_pos, norm_q, inv_norm_q, lse_pos2, lse_neg2, row_factor, row
     else:
         slope_scale = row_scale * row_factor * gamma
     logit, slope = circle_epilogue(t, is_pos, norm_q, inv_norm_q, margin, gamma * LOG2_E, lse_pos2, lse_neg2,
-                                   slope_scale, DETACH_ALPHA)
+                                   slope_scale, DETACH_ALPHA, ONE_KIND)
     weight = tl.exp2(logit)
     if LABEL_SMOOTHING:
         smooth = grad_row[:, None] * tl.where(is_pos, smooth_pos, smooth_neg)
@@ -83,15 +85,32 @@ def circle_positive_gradient_kernel(
         inv_norm_q_ptr, lse_pos_ptr, lse_neg_ptr, row_scale_ptr, grad_rows_ptr, grad_scale_ptr, rows, B,
         LABEL_SMOOTHING)
     g = _gradient(t_pos[:, None], True, norm_q, inv_norm_q, lse_pos2, lse_neg2, row_factor, row_scale, grad_row,
-                  margin, gamma, smooth_pos, smooth_neg, DETACH_ALPHA, LABEL_SMOOTHING)
+                  margin, gamma, smooth_pos, smooth_neg, DETACH_ALPHA, LABEL_SMOOTHING, True)
     tl.store(out_ptr + rows, tl.sum(g, axis=1), mask=rows < B)
+
+
+@triton.jit
+def circle_class_pairs_kernel(
+    h_ptr, q_label_ptr, positive_ptr, inv_norm_k_ptr, B, key_start, chunk_len, h_stride, BLOCK_B: tl.constexpr,
+):
+    """Class-level keys: the one entry a row of a chunk's H that the tiles leave to it, after they wrote
+    the negative formula everywhere: the row's positive, H_{i,a_i} = (its per-row value from
+    circle_positive_gradient_kernel) · (1/‖k_{a_i}‖), where a_i falls in the chunk [key_start,
+    key_start + chunk_len). One thread a row: every entry has one writer. (Class-level keys have no
+    excluded keys: ops rejects them.)"""
+    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    label = tl.load(q_label_ptr + rows, mask=rows < B, other=-1)
+    column = label - key_start
+    positive = (rows < B) & (column >= 0) & (column < chunk_len)
+    value = tl.load(positive_ptr + rows, mask=positive, other=0.0) * tl.load(inv_norm_k_ptr + label, mask=positive,
+                                                                              other=0.0)
+    tl.store(h_ptr + rows.to(tl.int64) * h_stride + column, value.to(h_ptr.dtype.element_ty), mask=positive)
 
 
 @triton.jit
 def circle_grad_similarity_kernel(
     q_ptr, k_ptr, q_desc, k_desc, q_label_ptr, k_label_ptr, inv_norm_q_ptr, inv_norm_k_ptr, excluded_key_ptr,
-    lse_pos_ptr, lse_neg_ptr, row_scale_ptr, grad_rows_ptr, grad_scale_ptr, positive_ptr, h_ptr, h_desc,
-    mixed_ptr,
+    lse_pos_ptr, lse_neg_ptr, row_scale_ptr, grad_rows_ptr, grad_scale_ptr, h_ptr, h_desc, mixed_ptr,
     B, N, D, stride_qb, stride_qd, stride_kn, stride_kd, key_start, h_stride, local_begin,
     rows_per_split,
     margin, gamma, smooth_pos, smooth_neg,
@@ -107,7 +126,11 @@ def circle_grad_similarity_kernel(
     first_key = key_start + local0
     keys = first_key + tl.arange(0, BLOCK_N)
     inv_norm_k = tl.load(inv_norm_k_ptr + keys, mask=keys < N, other=0.0)
-    k_label = column_labels(k_label_ptr, first_key, N, BLOCK_N, CLASS_LEVEL)
+    # labels and excluded keys: pair-wise tiles that may hold either kind (class-level ones take theirs
+    # from circle_class_pairs_kernel)
+    pairs: tl.constexpr = not CLASS_LEVEL and TILES != "negative"
+    if pairs:
+        k_label = column_labels(k_label_ptr, first_key, N, BLOCK_N, False)
     if EDGE:  # the last partial tile: keys past N are no pair
         in_bounds = keys_in_bounds(first_key, N, BLOCK_N)[None, :]
     row_stop = tl.minimum(split.to(tl.int64) * rows_per_split + rows_per_split, B)
@@ -125,24 +148,22 @@ def circle_grad_similarity_kernel(
             norm_q, inv_norm_q, lse_pos2, lse_neg2, row_factor, row_scale, grad_row = _row_terms(
                 inv_norm_q_ptr, lse_pos_ptr, lse_neg_ptr, row_scale_ptr, grad_rows_ptr, grad_scale_ptr, rows, B,
                 LABEL_SMOOTHING)
-            if TILES != "negative":
-                q_label = row_labels(q_label_ptr, rows, B, CLASS_LEVEL)
+            if pairs:
+                q_label = row_labels(q_label_ptr, rows, B, False)
             # S tile in units of 1/‖q_i‖, recomputed: raw products on the tensor cores, the keys' norms folded in
             dots = dot_tile(q_ptr, k_ptr, q_desc, k_desc, rows_start, first_key, B, N, D, stride_qb, stride_qd,
                             stride_kn, stride_kd, BLOCK_B, BLOCK_N, BLOCK_D, EVEN_D, TMA, DOT_PRECISION)
             t = dots * inv_norm_k[None, :]
-            if CLASS_LEVEL or TILES == "negative":  # the negative formula on every similarity
-                g = _gradient(t, False, norm_q, inv_norm_q, lse_pos2, lse_neg2, row_factor, row_scale, grad_row,
-                              margin, gamma, smooth_pos, smooth_neg, DETACH_ALPHA, LABEL_SMOOTHING)
-                if CLASS_LEVEL and TILES != "negative":  # and each row's one positive, computed apart
-                    g = tl.where(positive_pairs(q_label, k_label, first_key, True),
-                                 tl.load(positive_ptr + rows, mask=row_ok, other=0.0)[:, None], g)
-            else:  # both kinds
+            if pairs:  # both kinds
                 g = _gradient(t, positive_pairs(q_label, k_label, first_key, False), norm_q, inv_norm_q, lse_pos2,
                               lse_neg2, row_factor, row_scale, grad_row, margin, gamma, smooth_pos, smooth_neg,
-                              DETACH_ALPHA, LABEL_SMOOTHING)
-            if EXCLUDE_KEY and TILES != "negative":  # the row's excluded key (i itself in-batch, its slot in memory)
-                g = tl.where(excluded_pairs(row_excluded_keys(excluded_key_ptr, rows, B), first_key, BLOCK_N), 0.0, g)
+                              DETACH_ALPHA, LABEL_SMOOTHING, False)
+                if EXCLUDE_KEY:  # the row's excluded key (i itself in-batch, its slot in memory)
+                    g = tl.where(excluded_pairs(row_excluded_keys(excluded_key_ptr, rows, B), first_key, BLOCK_N),
+                                 0.0, g)
+            else:  # the negative formula on every similarity
+                g = _gradient(t, False, norm_q, inv_norm_q, lse_pos2, lse_neg2, row_factor, row_scale, grad_row,
+                              margin, gamma, smooth_pos, smooth_neg, DETACH_ALPHA, LABEL_SMOOTHING, True)
             if EDGE:
                 g = tl.where(in_bounds, g, 0.0)
             h = (g * inv_norm_k[None, :]).to(h_ptr.dtype.element_ty)

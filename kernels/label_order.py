@@ -9,7 +9,9 @@ positives (`TILES` "mixed"). Sorting copies the queries and, for pair-wise label
 (O((B + N)·D)); class-level keys (the rows of W) stay where they are. It is done where the rows are
 many enough for the mixed ranges to be narrow and the copies repaid (SORT_MIN_ROWS, an estimate: a
 block of 64 sorted class-level rows spans ~64/B of the classes); results are put back in the callers'
-order. Stable sorts: forward and backward sort alike.
+order. Stable sorts: forward and backward sort alike. (The class-level backward does not sort: its
+tiles take the negative formula everywhere and the positives are written over them afterwards,
+grad_similarity.circle_class_pairs_kernel.)
 """
 import math
 from dataclasses import dataclass

@@ -33,30 +33,33 @@ def _tiles(b, n, d, warps, stages, **constexprs):
 _ELEMENTWISE = {
     "inv_norm": LaunchConfig({"BLOCK_R": 16, "BLOCK_D": 128}, 4, 1),
     "positive_gradient": LaunchConfig({"BLOCK_B": 16, "BLOCK_D": 128}, 4, 1),
+    "class_pairs": LaunchConfig({"BLOCK_B": 128}, 4, 1),
 }
 
 # (arch family, operand width) -> kernel -> config. "16" covers bf16 and fp16, "32" fp32.
 # forward (class-level; forward_pairwise for pair-wise labels, whose epilogue is twice as long) and
 # grad_similarity tile S (BLOCK_B × BLOCK_N, D in BLOCK_D chunks); grad_similarity is the class-level
 # tile with α detached (face training's default), grad_similarity_full the class-level true derivative,
-# grad_similarity_pairwise both pair-wise modes. grad_queries is the product H · K (BLOCK_B × BLOCK_D
-# outputs, BLOCK_N keys a step); grad_keys is Hᵀ · Q (BLOCK_N keys × one or two accumulators of BLOCK_D
-# dims, BLOCK_B rows a step): D up to 2·BLOCK_D is finished in the kernel (grad_keys.key_dim_groups).
-# tile_config narrows BLOCK_D to what D needs.
+# grad_similarity_pairwise and grad_similarity_pairwise_full the pair-wise tiles that may hold both
+# kinds. grad_queries is the product H · K (BLOCK_B × BLOCK_D outputs, BLOCK_N keys a step); grad_keys
+# is Hᵀ · Q (BLOCK_N keys × one or two accumulators of BLOCK_D dims, BLOCK_B rows a step): D up to
+# 2·BLOCK_D is finished in the kernel (grad_keys.key_dim_groups). tile_config narrows BLOCK_D to what D
+# needs.
 PRESETS = {
     ("sm90", "16"): {  # measured on an H200: benchmarks/tune_presets.py, results/nvidia-h200_*-tune_presets.txt,
         # except the tile kernels' and grad_keys', chosen offline for the TMA kernels (aot, triton 3.9 /
-        # 3.6, no spills but 3.6's 8 bytes in the pair-wise tile with the true derivative): issue_to_mma
-        # forward 0.54 / 0.58 (negatives-only tiles 0.49), forward_pairwise 1.06-1.11 / 0.98-1.10,
-        # grad_similarity 0.63 / 0.60 (negatives-only 0.54 / 0.52), grad_similarity_full 0.77 / 0.74
-        # (0.67 / 0.64), grad_similarity_pairwise 0.67-1.00 / 0.67-0.93, grad_keys 0.41 / 0.40. A sorted
-        # problem's negatives-only tiles (label_order.py) take the class-level presets, pair-wise ones
-        # included.
+        # 3.6, no spills): issue_to_mma forward 0.54 / 0.56 (negatives-only tiles 0.48 / 0.47),
+        # forward_pairwise 1.02-1.09 / 0.95-1.10, grad_similarity 0.49 / 0.46, grad_similarity_full
+        # 0.55 / 0.52, grad_similarity_pairwise 0.62-0.73 / 0.63-0.74 (64 × 128), grad_similarity_pairwise_full
+        # 0.97-1.02 / 0.93-1.00 (64 × 128 spills with the true derivative's epilogue under 3.6), grad_keys
+        # 0.41 / 0.40. A sorted pair-wise problem's negatives-only tiles (label_order.py) take the
+        # class-level presets (0.50 / 0.48, 0.57 / 0.54).
         "forward": _tiles(64, 256, 64, 4, 2),
         "forward_pairwise": _tiles(64, 128, 128, 4, 2),
         "grad_similarity": _tiles(64, 128, 256, 4, 2),
         "grad_similarity_full": _tiles(64, 128, 256, 4, 2),
         "grad_similarity_pairwise": _tiles(64, 128, 256, 4, 2),
+        "grad_similarity_pairwise_full": _tiles(64, 64, 256, 4, 2),
         "grad_queries": _tiles(128, 64, 256, 8, 3),
         "grad_keys": _tiles(64, 64, 256, 8, 2),
         **_ELEMENTWISE,
@@ -67,6 +70,7 @@ PRESETS = {
         "grad_similarity": _tiles(64, 64, 32, 4, 3),
         "grad_similarity_full": _tiles(64, 64, 32, 4, 3),
         "grad_similarity_pairwise": _tiles(64, 64, 32, 4, 3),
+        "grad_similarity_pairwise_full": _tiles(64, 64, 32, 4, 3),
         "grad_queries": _tiles(64, 32, 64, 4, 3),
         "grad_keys": _tiles(32, 64, 64, 4, 3),
         **_ELEMENTWISE,
@@ -77,6 +81,7 @@ PRESETS = {
         "grad_similarity": _tiles(128, 64, 64, 8, 2),
         "grad_similarity_full": _tiles(128, 64, 64, 8, 2),
         "grad_similarity_pairwise": _tiles(128, 64, 64, 8, 2),
+        "grad_similarity_pairwise_full": _tiles(128, 64, 64, 8, 2),
         "grad_queries": _tiles(128, 32, 128, 8, 3),
         "grad_keys": _tiles(32, 64, 256, 8, 3),
         **_ELEMENTWISE,
@@ -87,6 +92,7 @@ PRESETS = {
         "grad_similarity": _tiles(32, 64, 16, 4, 3),
         "grad_similarity_full": _tiles(32, 64, 16, 4, 3),
         "grad_similarity_pairwise": _tiles(32, 64, 16, 4, 3),
+        "grad_similarity_pairwise_full": _tiles(32, 64, 16, 4, 3),
         "grad_queries": _tiles(64, 16, 64, 4, 3),
         "grad_keys": _tiles(16, 64, 64, 4, 3),
         **_ELEMENTWISE,
@@ -98,10 +104,12 @@ _INTERPRETER = {
     "grad_similarity": _tiles(16, 32, 16, 4, 1),
     "grad_similarity_full": _tiles(16, 32, 16, 4, 1),
     "grad_similarity_pairwise": _tiles(16, 32, 16, 4, 1),
+    "grad_similarity_pairwise_full": _tiles(16, 32, 16, 4, 1),
     "grad_queries": _tiles(16, 32, 16, 4, 1),
     "grad_keys": _tiles(16, 32, 16, 4, 1),
     "inv_norm": LaunchConfig({"BLOCK_R": 16, "BLOCK_D": 16}, 4, 1),
     "positive_gradient": LaunchConfig({"BLOCK_B": 16, "BLOCK_D": 16}, 4, 1),
+    "class_pairs": LaunchConfig({"BLOCK_B": 16}, 4, 1),
 }
 # Programs to aim for per launch, as a multiple of the SM count (the interpreter: a fixed small number,
 # enough to exercise several key splits).

@@ -264,6 +264,11 @@ def test_custom_ops_check_the_sizes_they_index(fused):
     with pytest.raises(ValueError, match="must share D"):
         torch.ops.circleloss_ext.fused_forward(emb, weight[:, :3], labels, None, 0.25, 64.0, False, None, False, 0.0,
                                                0.0, fused)
+    # excluded keys belong to pair-wise reference sets: class-level keys would get them honoured by one
+    # backend and not by another
+    with pytest.raises(ValueError, match="class-level keys .key_labels None. have none"):
+        torch.ops.circleloss_ext.fused_forward(emb, weight, labels, None, 0.25, 64.0, False, labels.clone(), False,
+                                               0.0, 0.0, fused)
     rows, lse_pos, lse_neg, inv_q, inv_k, *_ = torch.ops.circleloss_ext.fused_forward(
         emb, weight, labels, None, 0.25, 64.0, False, None, False, 0.0, 0.0, fused)
     with pytest.raises(ValueError, match=r"lse_neg must have shape \(6,\)"):

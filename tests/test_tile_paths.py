@@ -131,8 +131,9 @@ def test_negative_and_mixed_tile_presets_share_their_row_blocks():
     and pair-wise presets must agree on BLOCK_B."""
     for table in [*presets.PRESETS.values(), presets._INTERPRETER]:
         assert table["forward"].blocks["BLOCK_B"] == table["forward_pairwise"].blocks["BLOCK_B"]
-        for class_level in ("grad_similarity", "grad_similarity_full"):
-            assert table[class_level].blocks["BLOCK_B"] == table["grad_similarity_pairwise"].blocks["BLOCK_B"]
+        for mode in ("", "_full"):
+            assert table["grad_similarity" + mode].blocks["BLOCK_B"] == \
+                table["grad_similarity_pairwise" + mode].blocks["BLOCK_B"]
 
 
 @pytest.mark.parametrize("detach_alpha", [True, False])
