@@ -42,7 +42,8 @@ of a loop, and branches inside the tile count both ways, so the counts are a lit
 launches counted are the whole-tile ones (EDGE False), whose epilogues carry no bounds masks. A
 problem sorted by label (kernels/label_order.py) runs its negatives-only tiles in launches of their own:
 those are the "negative tiles" rows; the other rows are the tiles that may hold positives (all of an
-unsorted problem's, the mixed ones of a sorted problem).
+unsorted problem's, the mixed ones of a sorted problem), which the pair-wise forward walks once a kind
+("negatives" and "positives" rows) and the pair-wise backward once, with both kinds.
 """
 import argparse
 import json

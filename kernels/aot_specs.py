@@ -31,18 +31,29 @@ _FLOAT_SCALARS = {"margin", "gamma", "eps", "smooth_pos", "smooth_neg"}
 _UNIT_STRIDES = {"stride_qd", "stride_kd", "stride_d"}
 _MULTIPLES_OF_16 = {"D", "stride_qb", "stride_kn", "stride_r", "keys_per_split", "key_start", "h_stride",
                     "rows_per_split"}
-# Label forms: class-level keys (rows of W), pair-wise against a reference set, pair-wise within the batch
-# (tiles that may hold positives: all of an unsorted problem's, a sorted one's mixed tiles), and the
-# negatives-only tiles of a sorted problem (label_order.py: from 512 rows), class-level and pair-wise.
-_LABEL_FORMS = {
-    "class-level": {"CLASS_LEVEL": True, "EXCLUDE_KEY": False},
-    "class-level negative tiles": {"CLASS_LEVEL": True, "EXCLUDE_KEY": False, "TILES": "negative"},
-    "pair-wise": {"CLASS_LEVEL": False, "EXCLUDE_KEY": False},
-    "pair-wise exclude-self": {"CLASS_LEVEL": False, "EXCLUDE_KEY": True},
-    "pair-wise negative tiles": {"CLASS_LEVEL": False, "EXCLUDE_KEY": True, "TILES": "negative"},
+# Tile launches (label_order.tile_launches): class-level keys (rows of W), whose positives are gathered
+# apart; pair-wise labels against a reference set or within the batch (exclude-self), whose tiles that
+# may hold both kinds (all of an unsorted problem's, a sorted one's mixed tiles) the forward walks once
+# a kind, the other masked, and the backward takes with both kinds at once; and the negatives-only tiles
+# of a sorted problem (from 512 rows), which take the class-level presets. The class-level backward
+# does not sort.
+_PAIRWISE = {"CLASS_LEVEL": False, "EXCLUDE_KEY": False}
+_EXCLUDE_SELF = {"CLASS_LEVEL": False, "EXCLUDE_KEY": True}
+_FORWARD_FORMS = {  # form: (constexprs, preset)
+    "class-level": ({"CLASS_LEVEL": True, "EXCLUDE_KEY": False}, "forward"),
+    "class-level negative tiles": ({"CLASS_LEVEL": True, "EXCLUDE_KEY": False, "TILES": "negative"}, "forward"),
+    "pair-wise negatives": (_PAIRWISE, "forward_pairwise"),
+    "pair-wise positives": ({**_PAIRWISE, "KIND": "positive"}, "forward_pairwise"),
+    "pair-wise exclude-self negatives": (_EXCLUDE_SELF, "forward_pairwise"),
+    "pair-wise exclude-self positives": ({**_EXCLUDE_SELF, "KIND": "positive"}, "forward_pairwise"),
+    "pair-wise negative tiles": ({**_EXCLUDE_SELF, "TILES": "negative"}, "forward"),
 }
-
-
+_BACKWARD_FORMS = {  # form: (constexprs, preset, with "_full" for the true derivative)
+    "class-level": ({"CLASS_LEVEL": True, "EXCLUDE_KEY": False}, "grad_similarity"),
+    "pair-wise": (_PAIRWISE, "grad_similarity_pairwise"),
+    "pair-wise exclude-self": (_EXCLUDE_SELF, "grad_similarity_pairwise"),
+    "pair-wise negative tiles": ({**_EXCLUDE_SELF, "TILES": "negative"}, "grad_similarity"),
+}
 @dataclass(frozen=True)
 class Launch:
     """One specialisation of a kernel: `kernel` names its preset, `types` its runtime arguments'
@@ -95,6 +106,13 @@ def _launch(kernel, fn, dtype, variant, pointers, ones=(), **constexprs) -> Laun
                   {**dict.fromkeys(ones, 1), **constexprs})
 
 
+def _label_types(circle: dict, flags: dict) -> dict:
+    """The tile kernels' argument types for a label form: class-level labels index keys (int64, compared
+    as int32); pair-wise ones are dense int32 (tile.dense_labels)."""
+    labels = "i64" if flags["CLASS_LEVEL"] else "i32"
+    return {**circle, "q_label_ptr": labels, "k_label_ptr": labels, "mixed_ptr": "i32"}
+
+
 def launches(dtypes=tuple(OPERAND_TYPES)) -> list[Launch]:
     """Every launch the package makes with operands of the given dtypes (fp32 at torch's default
     matmul precision, "highest")."""
@@ -104,27 +122,17 @@ def launches(dtypes=tuple(OPERAND_TYPES)) -> list[Launch]:
         circle = {"q_ptr": x, "k_ptr": x, "q_label_ptr": "i64", "k_label_ptr": "i64", "excluded_key_ptr": "i64"}
         precision = dot_precision(dtype)
         result.append(_launch("inv_norm", inv_norm_kernel, dtype, "", {"x_ptr": x}))
-        for form, flags in _LABEL_FORMS.items():
-            # class-level labels index keys (int64, compared as int32); pair-wise ones are dense int32
-            labels = "i64" if flags["CLASS_LEVEL"] else "i32"
-            typed = {**circle, "q_label_ptr": labels, "k_label_ptr": labels, "mixed_ptr": "i32"}
-            flags = dict(flags)
-            tiles = flags.pop("TILES", "all")
-            # negatives-only tiles run with the class-level presets (label_order.py)
-            class_presets = flags["CLASS_LEVEL"] or tiles == "negative"
-            kernel = "forward" if class_presets else "forward_pairwise"
-            result.append(_launch(kernel, circle_forward_kernel, dtype, form, typed, DOT_PRECISION=precision,
-                                  TRACK_TOP1=False, NEGATIVE_SUM=False, EDGE=False, TILES=tiles, **flags))
-            if flags["CLASS_LEVEL"] and tiles == "negative":  # the backward does not sort class-level rows
-                continue
+        for form, (flags, preset) in _FORWARD_FORMS.items():
+            result.append(_launch(preset, circle_forward_kernel, dtype, form, _label_types(circle, flags),
+                                  DOT_PRECISION=precision, TRACK_TOP1=False, NEGATIVE_SUM=False, EDGE=False,
+                                  **{"TILES": "all", "KIND": "negative", **flags}))
+        for form, (flags, preset) in _BACKWARD_FORMS.items():
             for detach in (True, False):
-                variant = f"{form} {'detach' if detach else 'full'}-alpha"
-                preset = ("grad_similarity" if class_presets else "grad_similarity_pairwise") + \
-                    ("" if detach else "_full")
-                result.append(_launch(preset, circle_grad_similarity_kernel, dtype, variant,
-                                      {**typed, "h_ptr": x}, DETACH_ALPHA=detach,
-                                      LABEL_SMOOTHING=False, EDGE=False, TILES=tiles,
-                                      DOT_PRECISION=precision, **flags))
+                result.append(_launch(preset + ("" if detach else "_full"), circle_grad_similarity_kernel, dtype,
+                                      f"{form} {'detach' if detach else 'full'}-alpha",
+                                      {**_label_types(circle, flags), "h_ptr": x}, DETACH_ALPHA=detach,
+                                      LABEL_SMOOTHING=False, EDGE=False, DOT_PRECISION=precision,
+                                      **{"TILES": "all", **flags}))
         for detach in (True, False):
             result.append(_launch("positive_gradient", circle_positive_gradient_kernel, dtype,
                                   f"class-level {'detach' if detach else 'full'}-alpha", circle,

@@ -95,18 +95,18 @@ def circle_backward(grad_rows, queries, keys, query_labels, key_labels, inv_norm
     class_level = tile_config("grad_similarity" if detach_alpha else "grad_similarity_full", queries)
     mixed_config = class_level if key_labels is None else tile_config(
         "grad_similarity_pairwise" if detach_alpha else "grad_similarity_pairwise_full", queries)
-    kinds, mixed = tile_launches(order, problem, excluded_keys, class_level, mixed_config)
+    kinds, mixed = tile_launches(order, problem, excluded_keys, class_level, mixed_config, split_kinds=False)
     queries_cfg = tile_config("grad_queries", queries)
     keys_cfg = tile_config("grad_keys", queries)
     # grad_similarity splits the rows as far as it takes N's key tiles to fill the device
     launches = []
-    for tiles, cfg in kinds.items():
+    for tiles, _, cfg in kinds:  # (class-level tiles take the negatives, pair-wise mixed ones both kinds)
         row_splits, rows_per_split = splits_to_fill(B, triton.cdiv(N, cfg.blocks["BLOCK_N"]), cfg.blocks["BLOCK_B"],
                                                     queries)
         launches.append((tiles, cfg, row_splits, rows_per_split))
     halves, key_groups = key_dim_groups(D, keys_cfg.blocks["BLOCK_D"])
     finish_keys = key_groups == 1  # grad_keys finishes ∂L/∂K itself; otherwise its float32 product is kept
-    align = math.lcm(*(cfg.blocks["BLOCK_N"] for cfg in kinds.values()), queries_cfg.blocks["BLOCK_N"],
+    align = math.lcm(*(cfg.blocks["BLOCK_N"] for _, _, cfg in kinds), queries_cfg.blocks["BLOCK_N"],
                      keys_cfg.blocks["BLOCK_N"])
     chunk = chunk_keys(B, N, D, h_dtype, align, need_keys and not finish_keys)
     device = queries.device

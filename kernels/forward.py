@@ -6,20 +6,22 @@ an online log-sum-exp per row, in base 2. It writes one partial LP and LN per ro
 launcher combines the splits with a log-sum-exp (O(splits · B) floats). Splitting the keys fills the
 GPU when B is small and N is large.
 
-Class-level keys (the rows of W) have one positive per row, its class: the tiles hold negatives only
-(one exp2 per similarity), and the positive logit comes from one gathered dot product q_i · w_{a_i},
-O(B·D), in the programs of split 0. Pair-wise tiles hold both kinds and still take one exp2 per
-similarity, against the running maximum of the kind it belongs to.
+Each launch takes one kind (KIND) and keeps one online log-sum-exp. Class-level keys (the rows of W)
+have one positive per row, its class: the tiles take the negatives (the row's class masked, one exp2
+per similarity), and the positive logit comes from one gathered dot product q_i · w_{a_i}, O(B·D), in
+the programs of split 0. Pair-wise tiles that may hold both kinds are walked twice, once for each kind
+with the other masked; each launch writes -inf as the other kind's partials.
 
 The launcher runs the whole tiles of keys in one launch and the last partial tile in a second (EDGE:
 the only one whose epilogue masks keys past N); both write their own partials.
 
-A problem sorted by label (label_order.py) runs each of these launches twice: TILES "negative" walks
-the keys outside each row block's mixed range with the negatives-only epilogue (no labels, no masks;
-the class-level presets), "mixed" the keys inside it with the full one; unsorted, TILES "all".
+A problem sorted by label (label_order.py) runs its negatives twice: TILES "negative" walks the keys
+outside each row block's mixed range with the negatives-only epilogue (no labels, no masks; the
+class-level presets), "mixed" the keys inside it with labels; its pair-wise positives walk the mixed
+keys only. Unsorted, TILES "all".
 
-With TRACK_TOP1 the kernel also keeps each row's largest positive and largest negative similarity
-(the nearest key of each kind, for top-1 accuracy): one select and one max per similarity more.
+With TRACK_TOP1 the kernel also keeps each row's largest similarity of its kind (the nearest key of
+each kind, for top-1 accuracy): one select and one max per similarity more.
 With NEGATIVE_SUM it keeps V_i, the sum of each row's negative logits, which label smoothing needs.
 """
 import torch
@@ -48,19 +50,17 @@ def circle_forward_kernel(
     B, N, D, stride_qb, stride_qd, stride_kn, stride_kd, key_begin, key_end, keys_per_split,
     margin, gamma,
     CLASS_LEVEL: tl.constexpr, EXCLUDE_KEY: tl.constexpr, TRACK_TOP1: tl.constexpr, NEGATIVE_SUM: tl.constexpr,
-    EDGE: tl.constexpr, TILES: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    EVEN_D: tl.constexpr, TMA: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    EDGE: tl.constexpr, TILES: tl.constexpr, KIND: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, TMA: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     split = tl.program_id(1)
     rows_start = tl.program_id(0).to(tl.int64) * BLOCK_B
     rows = rows_start + tl.arange(0, BLOCK_B)
     norm_q, inv_norm_q = query_norms(inv_norm_q_ptr, rows, B)
-    max_pos = tl.full((BLOCK_B,), float("-inf"), tl.float32)
-    max_neg = tl.full((BLOCK_B,), float("-inf"), tl.float32)
-    sum_pos = tl.zeros((BLOCK_B,), tl.float32)
-    sum_neg = tl.zeros((BLOCK_B,), tl.float32)
-    top_pos = tl.full((BLOCK_B,), float("-inf"), tl.float32)
-    top_neg = tl.full((BLOCK_B,), float("-inf"), tl.float32)
+    positives: tl.constexpr = KIND == "positive"
+    run_max = tl.full((BLOCK_B,), float("-inf"), tl.float32)
+    run_sum = tl.zeros((BLOCK_B,), tl.float32)
+    top = tl.full((BLOCK_B,), float("-inf"), tl.float32)
     negative_sum = tl.zeros((BLOCK_B,), tl.float32)
     no_offset = tl.zeros((BLOCK_B,), tl.float32)
     key_start = key_begin + split.to(tl.int64) * keys_per_split
@@ -76,10 +76,13 @@ def circle_forward_kernel(
             first, count = mixed_lo, mixed_hi - mixed_lo
         else:  # the keys before the mixed range, then those after it
             count, skip_at, skip = count - (mixed_hi - mixed_lo), mixed_lo, mixed_hi - mixed_lo
-    negatives_only: tl.constexpr = CLASS_LEVEL or TILES == "negative"
-    if TILES != "negative":
+    # which pairs of a tile are this launch's kind: class-level tiles mask the row's own class (its
+    # positive is gathered after the loop); pair-wise tiles that may hold both kinds mask the other kind
+    # and the row's excluded key; negatives-only tiles (TILES "negative") mask nothing
+    labelled: tl.constexpr = TILES != "negative"
+    if labelled:
         q_label = row_labels(q_label_ptr, rows, B, CLASS_LEVEL)
-    if EXCLUDE_KEY and not negatives_only:
+    if EXCLUDE_KEY and labelled and not CLASS_LEVEL:
         excluded_key = row_excluded_keys(excluded_key_ptr, rows, B)
     scale2 = gamma * LOG2_E  # logit units (γ) to base-2 logits
     for step in range(0, count, BLOCK_N):
@@ -90,55 +93,34 @@ def circle_forward_kernel(
         dots = dot_tile(q_ptr, k_ptr, q_desc, k_desc, rows_start, n0, B, N, D, stride_qb, stride_qd, stride_kn,
                         stride_kd, BLOCK_B, BLOCK_N, BLOCK_D, EVEN_D, TMA, DOT_PRECISION)
         t = dots * tl.load(inv_norm_k_ptr + keys, mask=keys < N, other=0.0)[None, :]
-        # masks: keys past N (only in the EDGE launch, the last partial tile) and the row's excluded key
+        # masks: keys past N (only in the EDGE launch, the last partial tile), the other kind, the row's
+        # excluded key (its own slot: i itself in-batch, or its slot in a memory)
         if EDGE:
             present = keys_in_bounds(n0, N, BLOCK_N)[None, :]
         else:
             present = tl.full((1, BLOCK_N), True, tl.int1)
-        if EXCLUDE_KEY and not negatives_only:  # each row's own slot: i itself in-batch, or its slot in a memory
-            present = present & ~excluded_pairs(excluded_key, n0, BLOCK_N)
-        if negatives_only:
-            # negatives only: class-level tiles mask the row's own class (the positive, gathered after
-            # the loop); pair-wise tiles outside the mixed range hold no positive and no excluded key
-            logit, _ = circle_epilogue(t, False, norm_q, inv_norm_q, margin, scale2, no_offset, no_offset,
-                                       no_offset, True, True)
-            if CLASS_LEVEL and TILES != "negative":
-                present = present & ~positive_pairs(q_label, column_labels(k_label_ptr, n0, N, BLOCK_N, True), n0,
-                                                    True)
-            logit = tl.where(present, logit, float("-inf"))
-            if TRACK_TOP1:  # the largest t of a row is its largest s (1/‖q_i‖ > 0)
-                top_neg = tl.maximum(top_neg, tl.max(tl.where(present, t, float("-inf")), axis=1) * inv_norm_q)
-            if NEGATIVE_SUM:
-                negative_sum += tl.sum(tl.where(present, logit, 0.0), axis=1)
-            # online log-sum-exp in base 2: rescale the running sum to the new maximum, add this tile
-            max_neg, sum_neg, shift = _rescale(max_neg, sum_neg, tl.max(logit, axis=1))
-            sum_neg += tl.sum(tl.exp2(logit - shift[:, None]), axis=1)
-        else:
-            is_pos = positive_pairs(q_label, column_labels(k_label_ptr, n0, N, BLOCK_N, False), n0, False)
-            logit, _ = circle_epilogue(t, is_pos, norm_q, inv_norm_q, margin, scale2, no_offset, no_offset,
-                                       no_offset, True, False)
-            logit = tl.where(present, logit, float("-inf"))
-            if TRACK_TOP1:
-                top_pos = tl.maximum(top_pos, tl.max(tl.where(is_pos & present, t, float("-inf")), axis=1)
-                                     * inv_norm_q)
-                top_neg = tl.maximum(top_neg, tl.max(tl.where(~is_pos & present, t, float("-inf")), axis=1)
-                                     * inv_norm_q)
-            if NEGATIVE_SUM:
-                negative_sum += tl.sum(tl.where(~is_pos & present, logit, 0.0), axis=1)
-            # online log-sum-exp for each kind. Maxima: a row's logits lie within 4γ of each other (u² - m²
-            # with u in [-1, 2] or constant, in units of γ), so logit ± 1024γ·f (f: 1 on positives, base 2)
-            # puts the other kind out of the way, without a select; a tile without this kind gives a finite
-            # maximum ~1024γ below the other's, against which no term is summed
-            f = is_pos.to(tl.float32)
-            apart = 1024.0 * scale2
-            max_pos, sum_pos, shift_pos = _rescale(max_pos, sum_pos, tl.max(tl.fma(f, apart, logit), axis=1) - apart)
-            max_neg, sum_neg, shift_neg = _rescale(max_neg, sum_neg, tl.max(tl.fma(f, -apart, logit), axis=1))
-            # then one exp2 per similarity against its own kind's maximum; the sums take their kind by
-            # selects, so a NaN stays in its own kind (LP is -inf exactly when a row has no positive)
-            p = tl.exp2(logit - tl.where(is_pos, shift_pos[:, None], shift_neg[:, None]))
-            sum_pos += tl.sum(tl.where(is_pos, p, 0.0), axis=1)
-            sum_neg += tl.sum(tl.where(is_pos, 0.0, p), axis=1)
-    lse_pos = max_pos + tl.log2(sum_pos)
+        if labelled:
+            is_pos = positive_pairs(q_label, column_labels(k_label_ptr, n0, N, BLOCK_N, CLASS_LEVEL), n0,
+                                    CLASS_LEVEL)
+            present = present & (is_pos if positives else ~is_pos)
+            if EXCLUDE_KEY and not CLASS_LEVEL:
+                present = present & ~excluded_pairs(excluded_key, n0, BLOCK_N)
+        logit, _ = circle_epilogue(t, positives, norm_q, inv_norm_q, margin, scale2, no_offset, no_offset, no_offset,
+                                   True, True)
+        logit = tl.where(present, logit, float("-inf"))
+        if TRACK_TOP1:  # the largest t of a row is its largest s (1/‖q_i‖ > 0)
+            top = tl.maximum(top, tl.max(tl.where(present, t, float("-inf")), axis=1) * inv_norm_q)
+        if NEGATIVE_SUM and not positives:
+            negative_sum += tl.sum(tl.where(present, logit, 0.0), axis=1)
+        # online log-sum-exp in base 2: rescale the running sum to the new maximum, add this tile
+        run_max, run_sum, shift = _rescale(run_max, run_sum, tl.max(logit, axis=1))
+        run_sum += tl.sum(tl.exp2(logit - shift[:, None]), axis=1)
+    # this launch's log-sum-exp; the other kind's is -inf here (a log-sum-exp over the partials)
+    none = tl.full((BLOCK_B,), float("-inf"), tl.float32)
+    if positives:
+        lse_pos, lse_neg, top_pos, top_neg = run_max + tl.log2(run_sum), none, top, none
+    else:
+        lse_pos, lse_neg, top_pos, top_neg = none, run_max + tl.log2(run_sum), none, top
     if CLASS_LEVEL and TILES != "negative":
         if (split == 0) & (key_begin == 0):  # the first program of the first launch that holds positives
             t_pos, has_pos = gathered_positive(q_ptr, k_ptr, inv_norm_k_ptr, rows, q_label, B, N, D, stride_qb,
@@ -150,7 +132,7 @@ def circle_forward_kernel(
     out = split.to(tl.int64) * B + rows
     # back to natural units (LP, LN are log-sum-exps of u and v)
     tl.store(lse_pos_ptr + out, lse_pos * LN_2, mask=rows < B)
-    tl.store(lse_neg_ptr + out, (max_neg + tl.log2(sum_neg)) * LN_2, mask=rows < B)
+    tl.store(lse_neg_ptr + out, lse_neg * LN_2, mask=rows < B)
     if NEGATIVE_SUM:  # (splits, B), in natural units: γ·Σ v/γ = ln 2 · Σ of the base-2 logits
         tl.store(negative_sum_ptr + out, negative_sum * LN_2, mask=rows < B)
     if TRACK_TOP1:  # top: (splits, 2, B)
@@ -172,27 +154,28 @@ def circle_forward(queries, keys, query_labels, key_labels, inv_norm_q, inv_norm
                                 excluded_keys)
     # a sorted problem's negatives-only tiles take the class-level forward's tiles
     kinds, mixed = tile_launches(order, problem, excluded_keys, tile_config("forward", queries),
-                                 tile_config("forward" if key_labels is None else "forward_pairwise", queries))
+                                 tile_config("forward" if key_labels is None else "forward_pairwise", queries),
+                                 split_kinds=True)
     B, N = problem["B"], problem["N"]
     launches = []
-    for tiles, cfg in kinds.items():
+    for tiles, kind, cfg in kinds:
         block_n, row_blocks = cfg.blocks["BLOCK_N"], triton.cdiv(B, cfg.blocks["BLOCK_B"])
         for begin, end, edge in edge_ranges(N, block_n):
-            launches.append((tiles, cfg, row_blocks, begin, end, edge,
+            launches.append((tiles, kind, cfg, row_blocks, begin, end, edge,
                              *splits_to_fill(end - begin, row_blocks, block_n, queries)))
-    splits = sum(launch[6] for launch in launches)
+    splits = sum(launch[7] for launch in launches)
     partial_pos = torch.empty(splits, B, device=queries.device, dtype=torch.float32)
     partial_neg = torch.empty_like(partial_pos)
     top = torch.empty(splits if track_top1 else 0, 2, B, device=queries.device, dtype=torch.float32)
     partial_sum = torch.empty(splits if negative_sum else 0, B, device=queries.device, dtype=torch.float32)
     first = 0
-    for tiles, cfg, row_blocks, key_begin, key_end, edge, launch_splits, keys_per_split in launches:
+    for tiles, kind, cfg, row_blocks, key_begin, key_end, edge, launch_splits, keys_per_split in launches:
         outputs = slice(first, first + launch_splits)
         circle_forward_kernel[(row_blocks, launch_splits)](
             **problem, lse_pos_ptr=partial_pos[outputs], lse_neg_ptr=partial_neg[outputs], top_ptr=top[outputs],
             negative_sum_ptr=partial_sum[outputs], mixed_ptr=mixed, key_begin=key_begin, key_end=key_end,
             keys_per_split=keys_per_split, TRACK_TOP1=track_top1, NEGATIVE_SUM=negative_sum, EDGE=edge, TILES=tiles,
-            **operand_loads(queries, keys, cfg), **cfg.kwargs())
+            KIND=kind, **operand_loads(queries, keys, cfg), **cfg.kwargs())
         first += launch_splits
     lse_pos, lse_neg = torch.logsumexp(partial_pos, dim=0), torch.logsumexp(partial_neg, dim=0)
     top = top.amax(dim=0) if track_top1 else top.new_empty(0)

@@ -1,17 +1,17 @@
 """Problems sorted by label, so that most key tiles hold negatives only.
 
-A tile that holds positives pays for them in every similarity: a pair-wise tile selects each kind's
-terms (tile.circle_epilogue) and its forward keeps two online log-sum-exps; a class-level tile compares
-every key with each row's class. With the queries (and pair-wise keys) sorted by label, the positives
-of a block of rows lie in one narrow range of keys, the mixed range: the launchers run the tiles
-outside it with the plain negatives-only epilogue (`TILES` "negative") and only the others with the
-positives (`TILES` "mixed"). Sorting copies the queries and, for pair-wise labels, the keys
-(O((B + N)·D)); class-level keys (the rows of W) stay where they are. It is done where the rows are
-many enough for the mixed ranges to be narrow and the copies repaid (SORT_MIN_ROWS, an estimate: a
-block of 64 sorted class-level rows spans ~64/B of the classes); results are put back in the callers'
-order. Stable sorts: forward and backward sort alike. (The class-level backward does not sort: its
-tiles take the negative formula everywhere and the positives are written over them afterwards,
-grad_similarity.circle_class_pairs_kernel.)
+A tile that may hold both kinds pays for them in every similarity: the forward walks it once a kind
+(`KIND`) with the other masked, the backward selects each kind's terms (tile.circle_epilogue), and a
+class-level forward tile compares every key with each row's class. With the queries (and pair-wise
+keys) sorted by label, the positives of a block of rows lie in one narrow range of keys, the mixed
+range: the launchers run the tiles outside it with the plain negatives-only epilogue (`TILES`
+"negative": no labels, no masks) and only the others with labels (`TILES` "mixed"). Sorting copies
+the queries and, for pair-wise labels, the keys (O((B + N)·D)); class-level keys (the rows of W) stay
+where they are. It is done where the rows are many enough for the mixed ranges to be narrow and the
+copies repaid (SORT_MIN_ROWS, an estimate: a block of 64 sorted class-level rows spans ~64/B of the
+classes); results are put back in the callers' order. Stable sorts: forward and backward sort alike.
+(The class-level backward does not sort: its tiles take the negative formula everywhere and the
+positives are written over them afterwards, grad_similarity.circle_class_pairs_kernel.)
 """
 import math
 from dataclasses import dataclass
@@ -89,16 +89,22 @@ def mixed_key_ranges(query_labels: torch.Tensor, key_labels: Optional[torch.Tens
 
 
 def tile_launches(order: Optional[LabelOrder], problem: dict, excluded_keys: Optional[torch.Tensor],
-                  negative_config, mixed_config) -> tuple[dict, torch.Tensor]:
-    """({TILES: config}, mixed ranges): the launches that together cover every tile of a problem (from
-    tile.problem_arguments) and the table of mixed ranges their kernels index. Unsorted: one launch
-    ("all", mixed_config) and an empty table. Sorted: negatives-only tiles with negative_config and mixed
-    ones with mixed_config, which share BLOCK_B (a test checks the presets), the ranges in whole tiles of
-    both widths."""
+                  negative_config, mixed_config, split_kinds: bool) -> tuple[list, torch.Tensor]:
+    """([(TILES, KIND, config)], mixed ranges): the launches that together cover every tile of a problem
+    (from tile.problem_arguments) and the table of mixed ranges their kernels index. Unsorted, every tile
+    with mixed_config; sorted, the negatives-only tiles with negative_config ("negative") and the mixed
+    ones with mixed_config ("mixed"). KIND: class-level tiles take the negatives (their positives are
+    gathered apart); pair-wise tiles that may hold both kinds take one kind a launch with split_kinds
+    (the forward: "negative" and "positive", the other masked), else both at once ("both", the
+    backward). Launches that index the table share BLOCK_B (a test checks the presets); its ranges are
+    whole tiles of both configs' widths."""
+    kinds = ("negative", "positive") if split_kinds else ("both",)
+    mixed_kinds = ("negative",) if problem["CLASS_LEVEL"] else kinds
     if order is None:
-        return {"all": mixed_config}, torch.empty(0, device=problem["q_ptr"].device, dtype=torch.int32)
-    kinds = {"negative": negative_config, "mixed": mixed_config}
+        return ([("all", kind, mixed_config) for kind in mixed_kinds],
+                torch.empty(0, device=problem["q_ptr"].device, dtype=torch.int32))
+    launches = [("negative", "negative", negative_config)] + [("mixed", kind, mixed_config) for kind in mixed_kinds]
     ranges = mixed_key_ranges(problem["q_label_ptr"], None if problem["CLASS_LEVEL"] else problem["k_label_ptr"],
                               problem["N"], excluded_keys, mixed_config.blocks["BLOCK_B"],
-                              math.lcm(*(config.blocks["BLOCK_N"] for config in kinds.values())))
-    return kinds, ranges
+                              math.lcm(negative_config.blocks["BLOCK_N"], mixed_config.blocks["BLOCK_N"]))
+    return launches, ranges

@@ -48,14 +48,15 @@ _ELEMENTWISE = {
 PRESETS = {
     ("sm90", "16"): {  # measured on an H200: benchmarks/tune_presets.py, results/nvidia-h200_*-tune_presets.txt,
         # except the tile kernels' and grad_keys', chosen offline for the TMA kernels (aot, triton 3.9 /
-        # 3.6, no spills): issue_to_mma forward 0.54 / 0.56 (negatives-only tiles 0.48 / 0.47),
-        # forward_pairwise 1.02-1.09 / 0.95-1.10, grad_similarity 0.49 / 0.46, grad_similarity_full
-        # 0.55 / 0.52, grad_similarity_pairwise 0.62-0.73 / 0.63-0.74 (64 × 128), grad_similarity_pairwise_full
-        # 0.97-1.02 / 0.93-1.00 (64 × 128 spills with the true derivative's epilogue under 3.6), grad_keys
-        # 0.41 / 0.40. A sorted pair-wise problem's negatives-only tiles (label_order.py) take the
-        # class-level presets (0.50 / 0.48, 0.57 / 0.54).
-        "forward": _tiles(64, 256, 64, 4, 2),
-        "forward_pairwise": _tiles(64, 128, 128, 4, 2),
+        # 3.6, no spills): issue_to_mma forward 0.48 / 0.52 (negatives-only tiles 0.41 / 0.41),
+        # forward_pairwise (one kind a launch) 0.48-0.55 / 0.48-0.62, grad_similarity 0.49 / 0.46,
+        # grad_similarity_full 0.55 / 0.52, grad_similarity_pairwise 0.62-0.73 / 0.63-0.74 (64 × 128),
+        # grad_similarity_pairwise_full 0.97-1.02 / 0.93-1.00 (64 × 128 spills with the true
+        # derivative's epilogue under 3.6), grad_keys 0.41 / 0.40. A sorted pair-wise problem's
+        # negatives-only tiles (label_order.py) take the class-level presets (backward 0.50 / 0.48 and
+        # 0.57 / 0.54). forward and forward_pairwise share BLOCK_B, as the grad_similarity presets do.
+        "forward": _tiles(128, 256, 128, 8, 2),
+        "forward_pairwise": _tiles(128, 256, 128, 8, 2),
         "grad_similarity": _tiles(64, 128, 256, 4, 2),
         "grad_similarity_full": _tiles(64, 128, 256, 4, 2),
         "grad_similarity_pairwise": _tiles(64, 128, 256, 4, 2),
