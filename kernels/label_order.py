@@ -103,6 +103,9 @@ def tile_launches(order: Optional[LabelOrder], problem: dict, excluded_keys: Opt
     if order is None:
         return ([("all", kind, mixed_config) for kind in mixed_kinds],
                 torch.empty(0, device=problem["q_ptr"].device, dtype=torch.int32))
+    if negative_config.blocks["BLOCK_B"] != mixed_config.blocks["BLOCK_B"]:
+        raise ValueError(f"the negatives-only and mixed tiles of a sorted problem index one table of row blocks: "
+                         f"their presets must share BLOCK_B, got {negative_config.label()} and {mixed_config.label()}")
     launches = [("negative", "negative", negative_config)] + [("mixed", kind, mixed_config) for kind in mixed_kinds]
     ranges = mixed_key_ranges(problem["q_label_ptr"], None if problem["CLASS_LEVEL"] else problem["k_label_ptr"],
                               problem["N"], excluded_keys, mixed_config.blocks["BLOCK_B"],

@@ -112,8 +112,9 @@ def test_sorted_pairwise_accuracy_and_workspace_chunks(sorted_by_label):
 
 
 def test_sorted_pairwise_launches_with_different_tile_widths(sorted_by_label, monkeypatch):
-    """On sm_90 the negatives-only tiles take the class-level presets, twice as wide as the mixed ones
-    (forward 256 / 128 keys, grad_similarity 128 / 64): the mixed ranges are whole tiles of both."""
+    """The negatives-only tiles take the class-level presets, which may be wider than the mixed ones (on
+    sm_90 grad_similarity with the true derivative: 128 / 64 keys): the mixed ranges are whole tiles of
+    both."""
     wide = {"forward": presets._tiles(16, 64, 16, 4, 1),
             "grad_similarity": presets._tiles(16, 64, 16, 4, 1),
             "grad_similarity_full": presets._tiles(16, 64, 16, 4, 1)}
@@ -134,6 +135,15 @@ def test_negative_and_mixed_tile_presets_share_their_row_blocks():
         for mode in ("", "_full"):
             assert table["grad_similarity" + mode].blocks["BLOCK_B"] == \
                 table["grad_similarity_pairwise" + mode].blocks["BLOCK_B"]
+
+
+def test_presets_of_different_row_blocks_are_refused_when_sorted(sorted_by_label, monkeypatch):
+    """A preset swapped in by hand (benchmarks/tune_presets.py does) that breaks the agreement above is
+    refused with the two configurations named, instead of indexing the wrong row blocks' ranges."""
+    monkeypatch.setitem(presets._INTERPRETER, "forward_pairwise", presets._tiles(32, 32, 16, 4, 1))
+    emb, _, labels, _ = make_inputs(40, 40, 8, num_labels=4)
+    with pytest.raises(ValueError, match="must share BLOCK_B, got B=16 .* and B=32"):
+        cl.pairwise_circle_loss(emb, labels, backend="triton")
 
 
 @pytest.mark.parametrize("detach_alpha", [True, False])
