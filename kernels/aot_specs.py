@@ -20,8 +20,8 @@ import torch
 from .forward import circle_forward_kernel
 from .grad_keys import circle_grad_keys_kernel, key_dim_groups
 from .grad_queries import circle_grad_queries_kernel
-from .grad_similarity import (circle_class_pairs_kernel, circle_grad_similarity_kernel,
-                              circle_positive_gradient_kernel)
+from .grad_similarity import (circle_grad_similarity_kernel, circle_positive_gradient_kernel,
+                              circle_row_entries_kernel)
 from .presets import LaunchConfig, dot_precision
 from .row_norm import inv_norm_kernel
 
@@ -48,11 +48,11 @@ _FORWARD_FORMS = {  # form: (constexprs, preset)
     "pair-wise exclude-self positives": ({**_EXCLUDE_SELF, "KIND": "positive"}, "forward_pairwise"),
     "pair-wise negative tiles": ({**_EXCLUDE_SELF, "TILES": "negative"}, "forward"),
 }
-_BACKWARD_FORMS = {  # form: (constexprs, preset, with "_full" for the true derivative)
-    "class-level": ({"CLASS_LEVEL": True, "EXCLUDE_KEY": False}, "grad_similarity"),
-    "pair-wise": (_PAIRWISE, "grad_similarity_pairwise"),
-    "pair-wise exclude-self": (_EXCLUDE_SELF, "grad_similarity_pairwise"),
-    "pair-wise negative tiles": ({**_EXCLUDE_SELF, "TILES": "negative"}, "grad_similarity"),
+_BACKWARD_FORMS = {  # form: (constexprs, preset, with "_full" for the true derivative); excluded keys
+    # are written after the tiles (circle_row_entries_kernel), so an exclude-self problem's tiles are these
+    "class-level": ({"CLASS_LEVEL": True}, "grad_similarity"),
+    "pair-wise": ({"CLASS_LEVEL": False}, "grad_similarity_pairwise"),
+    "pair-wise negative tiles": ({"CLASS_LEVEL": False, "TILES": "negative"}, "grad_similarity"),
 }
 @dataclass(frozen=True)
 class Launch:
@@ -137,8 +137,10 @@ def launches(dtypes=tuple(OPERAND_TYPES)) -> list[Launch]:
             result.append(_launch("positive_gradient", circle_positive_gradient_kernel, dtype,
                                   f"class-level {'detach' if detach else 'full'}-alpha", circle,
                                   DETACH_ALPHA=detach, LABEL_SMOOTHING=False))
-        result.append(_launch("class_pairs", circle_class_pairs_kernel, dtype, "class-level",
-                              {"h_ptr": x, "q_label_ptr": "i64"}))
+        result.append(_launch("row_entries", circle_row_entries_kernel, dtype, "class-level",
+                              {"h_ptr": x, "q_label_ptr": "i64"}, POSITIVE=True, EXCLUDED=False))
+        result.append(_launch("row_entries", circle_row_entries_kernel, dtype, "pair-wise exclude-self",
+                              {"h_ptr": x, "excluded_key_ptr": "i64"}, POSITIVE=False, EXCLUDED=True))
         result.append(_launch("grad_queries", circle_grad_queries_kernel, dtype, "", {"h_ptr": x, "k_ptr": x},
                               DOT_PRECISION=precision))
         result.append(_launch("grad_keys", circle_grad_keys_kernel, dtype, "",

@@ -3,7 +3,8 @@
 Class-level keys first get each row's positive (circle_positive_gradient_kernel, O(B·D)). Then, for
 each chunk of keys [k0, k0 + chunk):
   1. grad_similarity: recompute S, write H (B × chunk, the operands' dtype); class-level tiles write the
-     negative formula everywhere, and circle_class_pairs_kernel then writes each row's positive over it;
+     negative formula everywhere, and circle_row_entries_kernel then writes each row's positive over it,
+     and a zero at each row's excluded key (pair-wise);
   2. grad_queries: R += H · K_chunk (float32 partial sums, added in a fixed order);
   3. grad_keys: P = Hᵀ · Q and ∂L/∂K_chunk = (P_j - ‖k_j‖⁻² ρ_j k_j) / c with ρ_j = k_j · P_j, written in
      K's dtype (D wider than grad_keys' accumulators: P in float32, finished here).
@@ -19,8 +20,8 @@ import triton
 
 from .grad_keys import circle_grad_keys_kernel, key_dim_groups
 from .grad_queries import circle_grad_queries_kernel
-from .grad_similarity import (circle_class_pairs_kernel, circle_grad_similarity_kernel,
-                              circle_positive_gradient_kernel)
+from .grad_similarity import (circle_grad_similarity_kernel, circle_positive_gradient_kernel,
+                              circle_row_entries_kernel)
 from .label_order import label_order, tile_launches
 from .presets import dot_precision, splits_to_fill, tile_config
 from .tile import edge_ranges, operand_loads, problem_arguments, workspace_descriptor
@@ -96,6 +97,8 @@ def circle_backward(grad_rows, queries, keys, query_labels, key_labels, inv_norm
     mixed_config = class_level if key_labels is None else tile_config(
         "grad_similarity_pairwise" if detach_alpha else "grad_similarity_pairwise_full", queries)
     kinds, mixed = tile_launches(order, problem, excluded_keys, class_level, mixed_config, split_kinds=False)
+    # the tiles leave excluded keys to circle_row_entries_kernel
+    tile_problem = {k: v for k, v in problem.items() if k not in ("excluded_key_ptr", "EXCLUDE_KEY")}
     queries_cfg = tile_config("grad_queries", queries)
     keys_cfg = tile_config("grad_keys", queries)
     # grad_similarity splits the rows as far as it takes N's key tiles to fill the device
@@ -138,17 +141,18 @@ def circle_backward(grad_rows, queries, keys, query_labels, key_labels, inv_norm
             block_n = cfg.blocks["BLOCK_N"]
             for local_begin, local_end, edge in edge_ranges(chunk_len, block_n):
                 circle_grad_similarity_kernel[(triton.cdiv(local_end - local_begin, block_n), row_splits)](
-                    **problem, lse_pos_ptr=lse_pos, lse_neg_ptr=lse_neg, row_scale_ptr=row_scale,
+                    **tile_problem, lse_pos_ptr=lse_pos, lse_neg_ptr=lse_neg, row_scale_ptr=row_scale,
                     grad_rows_ptr=grad_rows, grad_scale_ptr=grad_scale, h_ptr=h,
                     h_desc=h_descs[tiles], mixed_ptr=mixed, key_start=key_start, h_stride=chunk,
                     local_begin=local_begin, rows_per_split=rows_per_split, smooth_pos=smooth_pos,
                     smooth_neg=smooth_neg, DETACH_ALPHA=detach_alpha, LABEL_SMOOTHING=smoothing, EDGE=edge,
                     TILES=tiles, **loads[tiles], **cfg.kwargs())
-        if key_labels is None:
-            pairs_cfg = tile_config("class_pairs", queries)
-            circle_class_pairs_kernel[(triton.cdiv(B, pairs_cfg.blocks["BLOCK_B"]),)](
-                h_ptr=h, q_label_ptr=problem["q_label_ptr"], positive_ptr=positive, inv_norm_k_ptr=inv_norm_k, B=B,
-                **span, **pairs_cfg.kwargs())
+        if key_labels is None or problem["EXCLUDE_KEY"]:  # the entries written over the tiles
+            entries_cfg = tile_config("row_entries", queries)
+            circle_row_entries_kernel[(triton.cdiv(B, entries_cfg.blocks["BLOCK_B"]),)](
+                h_ptr=h, q_label_ptr=problem["q_label_ptr"], excluded_key_ptr=problem["excluded_key_ptr"],
+                positive_ptr=positive, inv_norm_k_ptr=inv_norm_k, B=B, **span, POSITIVE=key_labels is None,
+                EXCLUDED=problem["EXCLUDE_KEY"], **entries_cfg.kwargs())
         if need_queries:
             splits, keys_per_split = splits_to_fill(chunk_len, q_tiles, queries_cfg.blocks["BLOCK_N"], queries)
             partial = partials[:splits]

@@ -12,7 +12,7 @@ matrix products of backward take raw operands: H · K = c·G · K̂ / ‖q_i‖ 
 The tile is held in units of 1/‖q_i‖ (t = q_i · k̂_j; see tile.circle_epilogue). Class-level tiles
 apply the negative formula to every key, with no labels and no masks: each row's one positive (from
 circle_positive_gradient_kernel, one gathered dot a row) is written over them afterwards, one entry a
-row (circle_class_pairs_kernel).
+row, and so is a zero at each row's excluded key (circle_row_entries_kernel): no tile masks them.
 With TMA the operands come through tensor descriptors and H leaves through one (h_desc); the chunk's
 last partial tile runs in a launch of its own (EDGE), the only one that masks keys past N.
 A pair-wise problem sorted by label (label_order.py) runs two launches: TILES "negative" takes the row
@@ -25,8 +25,8 @@ from the positive and c = c_n = ε/C onto every negative.
 import triton
 import triton.language as tl
 
-from .tile import (LOG2_E, circle_epilogue, column_labels, dot_tile, excluded_pairs, gathered_positive,
-                   keys_in_bounds, positive_pairs, query_norms, row_excluded_keys, row_labels)
+from .tile import (LOG2_E, circle_epilogue, column_labels, dot_tile, gathered_positive, keys_in_bounds,
+                   positive_pairs, query_norms, row_labels)
 
 
 @triton.jit
@@ -90,32 +90,40 @@ def circle_positive_gradient_kernel(
 
 
 @triton.jit
-def circle_class_pairs_kernel(
-    h_ptr, q_label_ptr, positive_ptr, inv_norm_k_ptr, B, key_start, chunk_len, h_stride, BLOCK_B: tl.constexpr,
+def circle_row_entries_kernel(
+    h_ptr, q_label_ptr, excluded_key_ptr, positive_ptr, inv_norm_k_ptr, B, key_start, chunk_len, h_stride,
+    POSITIVE: tl.constexpr, EXCLUDED: tl.constexpr, BLOCK_B: tl.constexpr,
 ):
-    """Class-level keys: the one entry a row of a chunk's H that the tiles leave to it, after they wrote
-    the negative formula everywhere: the row's positive, H_{i,a_i} = (its per-row value from
-    circle_positive_gradient_kernel) · (1/‖k_{a_i}‖), where a_i falls in the chunk [key_start,
-    key_start + chunk_len). One thread a row: every entry has one writer. (Class-level keys have no
-    excluded keys: ops rejects them.)"""
+    """The entries of a chunk's H, one or two a row, that the tiles leave to it: POSITIVE (class-level
+    keys, whose tiles write the negative formula everywhere) the row's positive, H_{i,a_i} = (its
+    per-row value from circle_positive_gradient_kernel) · (1/‖k_{a_i}‖); EXCLUDED 0 at the row's
+    excluded key (pair-wise: i itself in-batch, its slot in a memory), written last. Each where it falls
+    in the chunk [key_start, key_start + chunk_len); one thread a row: every entry has one writer."""
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
-    label = tl.load(q_label_ptr + rows, mask=rows < B, other=-1)
-    column = label - key_start
-    positive = (rows < B) & (column >= 0) & (column < chunk_len)
-    value = tl.load(positive_ptr + rows, mask=positive, other=0.0) * tl.load(inv_norm_k_ptr + label, mask=positive,
-                                                                              other=0.0)
-    tl.store(h_ptr + rows.to(tl.int64) * h_stride + column, value.to(h_ptr.dtype.element_ty), mask=positive)
+    h_rows = h_ptr + rows.to(tl.int64) * h_stride
+    if POSITIVE:
+        label = tl.load(q_label_ptr + rows, mask=rows < B, other=-1)
+        column = label - key_start
+        positive = (rows < B) & (column >= 0) & (column < chunk_len)
+        value = tl.load(positive_ptr + rows, mask=positive, other=0.0) * tl.load(inv_norm_k_ptr + label,
+                                                                                  mask=positive, other=0.0)
+        tl.store(h_rows + column, value.to(h_ptr.dtype.element_ty), mask=positive)
+    if EXCLUDED:
+        excluded = tl.load(excluded_key_ptr + rows, mask=rows < B, other=-1)
+        column = excluded - key_start
+        tl.store(h_rows + column, tl.zeros((BLOCK_B,), h_ptr.dtype.element_ty),
+                 mask=(rows < B) & (excluded >= 0) & (column >= 0) & (column < chunk_len))
 
 
 @triton.jit
 def circle_grad_similarity_kernel(
-    q_ptr, k_ptr, q_desc, k_desc, q_label_ptr, k_label_ptr, inv_norm_q_ptr, inv_norm_k_ptr, excluded_key_ptr,
+    q_ptr, k_ptr, q_desc, k_desc, q_label_ptr, k_label_ptr, inv_norm_q_ptr, inv_norm_k_ptr,
     lse_pos_ptr, lse_neg_ptr, row_scale_ptr, grad_rows_ptr, grad_scale_ptr, h_ptr, h_desc, mixed_ptr,
     B, N, D, stride_qb, stride_qd, stride_kn, stride_kd, key_start, h_stride, local_begin,
     rows_per_split,
     margin, gamma, smooth_pos, smooth_neg,
-    CLASS_LEVEL: tl.constexpr, EXCLUDE_KEY: tl.constexpr, DETACH_ALPHA: tl.constexpr,
-    LABEL_SMOOTHING: tl.constexpr, EDGE: tl.constexpr, TILES: tl.constexpr,
+    CLASS_LEVEL: tl.constexpr, DETACH_ALPHA: tl.constexpr, LABEL_SMOOTHING: tl.constexpr, EDGE: tl.constexpr,
+    TILES: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
     TMA: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
@@ -126,8 +134,8 @@ def circle_grad_similarity_kernel(
     first_key = key_start + local0
     keys = first_key + tl.arange(0, BLOCK_N)
     inv_norm_k = tl.load(inv_norm_k_ptr + keys, mask=keys < N, other=0.0)
-    # labels and excluded keys: pair-wise tiles that may hold either kind (class-level ones take theirs
-    # from circle_class_pairs_kernel)
+    # labels: pair-wise tiles that may hold either kind (class-level positives and every excluded key are
+    # written afterwards, circle_row_entries_kernel)
     pairs: tl.constexpr = not CLASS_LEVEL and TILES != "negative"
     if pairs:
         k_label = column_labels(k_label_ptr, first_key, N, BLOCK_N, False)
@@ -158,9 +166,6 @@ def circle_grad_similarity_kernel(
                 g = _gradient(t, positive_pairs(q_label, k_label, first_key, False), norm_q, inv_norm_q, lse_pos2,
                               lse_neg2, row_factor, row_scale, grad_row, margin, gamma, smooth_pos, smooth_neg,
                               DETACH_ALPHA, LABEL_SMOOTHING, False)
-                if EXCLUDE_KEY:  # the row's excluded key (i itself in-batch, its slot in memory)
-                    g = tl.where(excluded_pairs(row_excluded_keys(excluded_key_ptr, rows, B), first_key, BLOCK_N),
-                                 0.0, g)
             else:  # the negative formula on every similarity
                 g = _gradient(t, False, norm_q, inv_norm_q, lse_pos2, lse_neg2, row_factor, row_scale, grad_row,
                               margin, gamma, smooth_pos, smooth_neg, DETACH_ALPHA, LABEL_SMOOTHING, True)

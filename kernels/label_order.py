@@ -11,7 +11,7 @@ where they are. It is done where the rows are many enough for the mixed ranges t
 copies repaid (SORT_MIN_ROWS, an estimate: a block of 64 sorted class-level rows spans ~64/B of the
 classes); results are put back in the callers' order. Stable sorts: forward and backward sort alike.
 (The class-level backward does not sort: its tiles take the negative formula everywhere and the
-positives are written over them afterwards, grad_similarity.circle_class_pairs_kernel.)
+positives are written over them afterwards, grad_similarity.circle_row_entries_kernel.)
 """
 import math
 from dataclasses import dataclass

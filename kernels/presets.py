@@ -33,7 +33,7 @@ def _tiles(b, n, d, warps, stages, **constexprs):
 _ELEMENTWISE = {
     "inv_norm": LaunchConfig({"BLOCK_R": 16, "BLOCK_D": 128}, 4, 1),
     "positive_gradient": LaunchConfig({"BLOCK_B": 16, "BLOCK_D": 128}, 4, 1),
-    "class_pairs": LaunchConfig({"BLOCK_B": 128}, 4, 1),
+    "row_entries": LaunchConfig({"BLOCK_B": 128}, 4, 1),
 }
 
 # (arch family, operand width) -> kernel -> config. "16" covers bf16 and fp16, "32" fp32.
@@ -50,9 +50,9 @@ PRESETS = {
         # except the tile kernels' and grad_keys', chosen offline for the TMA kernels (aot, triton 3.9 /
         # 3.6, no spills): issue_to_mma forward 0.48 / 0.52 (negatives-only tiles 0.41 / 0.41),
         # forward_pairwise (one kind a launch) 0.48-0.55 / 0.48-0.62, grad_similarity 0.49 / 0.46,
-        # grad_similarity_full 0.55 / 0.52, grad_similarity_pairwise 0.62-0.73 / 0.63-0.74 (64 × 128),
-        # grad_similarity_pairwise_full 0.97-1.02 / 0.93-1.00 (64 × 128 spills with the true
-        # derivative's epilogue under 3.6), grad_keys 0.41 / 0.40. A sorted pair-wise problem's
+        # grad_similarity_full 0.55 / 0.52, grad_similarity_pairwise 0.62 / 0.63 (64 × 128),
+        # grad_similarity_pairwise_full 0.97 / 0.93 (64 × 128 spills with the true derivative's epilogue
+        # under 3.6), grad_keys 0.41 / 0.40. A sorted pair-wise problem's
         # negatives-only tiles (label_order.py) take the class-level presets (backward 0.50 / 0.48 and
         # 0.57 / 0.54). forward and forward_pairwise share BLOCK_B, as the grad_similarity presets do.
         "forward": _tiles(128, 256, 128, 8, 2),
@@ -110,7 +110,7 @@ _INTERPRETER = {
     "grad_keys": _tiles(16, 32, 16, 4, 1),
     "inv_norm": LaunchConfig({"BLOCK_R": 16, "BLOCK_D": 16}, 4, 1),
     "positive_gradient": LaunchConfig({"BLOCK_B": 16, "BLOCK_D": 16}, 4, 1),
-    "class_pairs": LaunchConfig({"BLOCK_B": 16}, 4, 1),
+    "row_entries": LaunchConfig({"BLOCK_B": 16}, 4, 1),
 }
 # Programs to aim for per launch, as a multiple of the SM count (the interpreter: a fixed small number,
 # enough to exercise several key splits).
