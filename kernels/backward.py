@@ -96,9 +96,11 @@ def circle_backward(grad_rows, queries, keys, query_labels, key_labels, inv_norm
     class_level = tile_config("grad_similarity" if detach_alpha else "grad_similarity_full", queries)
     mixed_config = class_level if key_labels is None else tile_config(
         "grad_similarity_pairwise" if detach_alpha else "grad_similarity_pairwise_full", queries)
-    kinds, mixed = tile_launches(order, problem, excluded_keys, class_level, mixed_config, split_kinds=False)
-    # the tiles leave excluded keys to circle_row_entries_kernel
+    # the tiles leave excluded keys to circle_row_entries_kernel: they neither mask them nor widen the
+    # mixed ranges for them
+    kinds, mixed = tile_launches(order, problem, None, class_level, mixed_config, split_kinds=False)
     tile_problem = {k: v for k, v in problem.items() if k not in ("excluded_key_ptr", "EXCLUDE_KEY")}
+    entries_cfg = tile_config("row_entries", queries)
     queries_cfg = tile_config("grad_queries", queries)
     keys_cfg = tile_config("grad_keys", queries)
     # grad_similarity splits the rows as far as it takes N's key tiles to fill the device
@@ -148,7 +150,6 @@ def circle_backward(grad_rows, queries, keys, query_labels, key_labels, inv_norm
                     smooth_neg=smooth_neg, DETACH_ALPHA=detach_alpha, LABEL_SMOOTHING=smoothing, EDGE=edge,
                     TILES=tiles, **loads[tiles], **cfg.kwargs())
         if key_labels is None or problem["EXCLUDE_KEY"]:  # the entries written over the tiles
-            entries_cfg = tile_config("row_entries", queries)
             circle_row_entries_kernel[(triton.cdiv(B, entries_cfg.blocks["BLOCK_B"]),)](
                 h_ptr=h, q_label_ptr=problem["q_label_ptr"], excluded_key_ptr=problem["excluded_key_ptr"],
                 positive_ptr=positive, inv_norm_k_ptr=inv_norm_k, B=B, **span, POSITIVE=key_labels is None,

@@ -76,7 +76,7 @@ def circle_positive_gradient_kernel(
     DETACH_ALPHA: tl.constexpr, LABEL_SMOOTHING: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Class-level keys: each row's H_{i,a_i}·‖k_{a_i}‖ from one gathered dot product (its one positive,
-    its class), which the tiles of grad_similarity take in place of the negative formula at (i, a_i)."""
+    its class), which circle_row_entries_kernel writes over the tiles' negative formula at (i, a_i)."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
     q_label = row_labels(q_label_ptr, rows, B, True)
     t_pos, _ = gathered_positive(q_ptr, k_ptr, inv_norm_k_ptr, rows, q_label, B, N, D, stride_qb, stride_qd,
