@@ -106,7 +106,7 @@ def circle_forward_kernel(
             if EXCLUDE_KEY and not CLASS_LEVEL:
                 present = present & ~excluded_pairs(excluded_key, n0, BLOCK_N)
         logit, _ = circle_epilogue(t, positives, norm_q, inv_norm_q, margin, scale2, no_offset, no_offset, no_offset,
-                                   True, True)
+                                   True)
         logit = tl.where(present, logit, float("-inf"))
         if TRACK_TOP1:  # the largest t of a row is its largest s (1/‖q_i‖ > 0)
             top = tl.maximum(top, tl.max(tl.where(present, t, float("-inf")), axis=1) * inv_norm_q)
@@ -126,7 +126,7 @@ def circle_forward_kernel(
             t_pos, has_pos = gathered_positive(q_ptr, k_ptr, inv_norm_k_ptr, rows, q_label, B, N, D, stride_qb,
                                                stride_qd, stride_kn, stride_kd, BLOCK_B, BLOCK_D)
             logit_pos, _ = circle_epilogue(t_pos[:, None], True, norm_q, inv_norm_q, margin, scale2, no_offset,
-                                           no_offset, no_offset, True, True)
+                                           no_offset, no_offset, True)
             lse_pos = tl.where(has_pos, tl.sum(logit_pos, axis=1), float("-inf"))
             top_pos = tl.where(has_pos, t_pos * inv_norm_q, float("-inf"))
     out = split.to(tl.int64) * B + rows

@@ -50,8 +50,7 @@ def _row_terms(inv_norm_q_ptr, lse_pos_ptr, lse_neg_ptr, row_scale_ptr, grad_row
 
 @triton.jit
 def _gradient(t, is_pos, norm_q, inv_norm_q, lse_pos2, lse_neg2, row_factor, row_scale, grad_row, margin, gamma,
-              smooth_pos, smooth_neg, DETACH_ALPHA: tl.constexpr, LABEL_SMOOTHING: tl.constexpr,
-              ONE_KIND: tl.constexpr):
+              smooth_pos, smooth_neg, DETACH_ALPHA: tl.constexpr, LABEL_SMOOTHING: tl.constexpr):
     """H_ij·‖k_j‖ = c·G_ij/‖q_i‖ for a tile of t = q_i · k̂_j, with the row terms of _row_terms, where
     G_ij = σ_i·w_ij·γ·slope_ij (w_ij the softmax weight of the logit within LP_i or LN_i), or with label
     smoothing G_ij = (σ_i·w_ij - g_i·c_kind)·γ·slope_ij; the row factors ride on the slope."""
@@ -60,7 +59,7 @@ def _gradient(t, is_pos, norm_q, inv_norm_q, lse_pos2, lse_neg2, row_factor, row
     else:
         slope_scale = row_scale * row_factor * gamma
     logit, slope = circle_epilogue(t, is_pos, norm_q, inv_norm_q, margin, gamma * LOG2_E, lse_pos2, lse_neg2,
-                                   slope_scale, DETACH_ALPHA, ONE_KIND)
+                                   slope_scale, DETACH_ALPHA)
     weight = tl.exp2(logit)
     if LABEL_SMOOTHING:
         smooth = grad_row[:, None] * tl.where(is_pos, smooth_pos, smooth_neg)
@@ -85,7 +84,7 @@ def circle_positive_gradient_kernel(
         inv_norm_q_ptr, lse_pos_ptr, lse_neg_ptr, row_scale_ptr, grad_rows_ptr, grad_scale_ptr, rows, B,
         LABEL_SMOOTHING)
     g = _gradient(t_pos[:, None], True, norm_q, inv_norm_q, lse_pos2, lse_neg2, row_factor, row_scale, grad_row,
-                  margin, gamma, smooth_pos, smooth_neg, DETACH_ALPHA, LABEL_SMOOTHING, True)
+                  margin, gamma, smooth_pos, smooth_neg, DETACH_ALPHA, LABEL_SMOOTHING)
     tl.store(out_ptr + rows, tl.sum(g, axis=1), mask=rows < B)
 
 
@@ -165,10 +164,10 @@ def circle_grad_similarity_kernel(
             if pairs:  # both kinds
                 g = _gradient(t, positive_pairs(q_label, k_label, first_key, False), norm_q, inv_norm_q, lse_pos2,
                               lse_neg2, row_factor, row_scale, grad_row, margin, gamma, smooth_pos, smooth_neg,
-                              DETACH_ALPHA, LABEL_SMOOTHING, False)
+                              DETACH_ALPHA, LABEL_SMOOTHING)
             else:  # the negative formula on every similarity
                 g = _gradient(t, False, norm_q, inv_norm_q, lse_pos2, lse_neg2, row_factor, row_scale, grad_row,
-                              margin, gamma, smooth_pos, smooth_neg, DETACH_ALPHA, LABEL_SMOOTHING, True)
+                              margin, gamma, smooth_pos, smooth_neg, DETACH_ALPHA, LABEL_SMOOTHING)
             if EDGE:
                 g = tl.where(in_bounds, g, 0.0)
             h = (g * inv_norm_k[None, :]).to(h_ptr.dtype.element_ty)

@@ -69,11 +69,11 @@ def dot_tile(q_ptr, k_ptr, q_desc, k_desc, row0, key0, B, N, D, stride_qb, strid
 
 @triton.jit
 def circle_epilogue(t, is_pos, norm_q, inv_norm_q, margin, logit_scale, offset_pos, offset_neg, slope_scale,
-                    DETACH_ALPHA: tl.constexpr, ONE_KIND: tl.constexpr):
+                    DETACH_ALPHA: tl.constexpr):
     """The Circle Loss formula on a tile: the one place α, Δ and the margin are written.
 
     t: q_i · k̂_j, the raw query against the normalised key (s_ij = t_ij / ‖q_i‖), float32;
-    is_pos: a tile of b_j == a_i, or a constant True / False for a tile of one kind (ONE_KIND);
+    is_pos: a tile of b_j == a_i, or a constant True / False for a tile of one kind;
     norm_q, inv_norm_q: ‖q_i‖ and 1/‖q_i‖ (BLOCK_B,), finite (rows past B pass 1);
     logit_scale: a scalar; offset_pos, offset_neg, slope_scale: (BLOCK_B,) row terms.
     Returns (logit · logit_scale - offset of the element's kind, slope · slope_scale), where
@@ -107,16 +107,10 @@ def circle_epilogue(t, is_pos, norm_q, inv_norm_q, margin, logit_scale, offset_p
         slope = tl.where(is_pos, tl.fma(v, -per_v[:, None], -at_zero[:, None]),
                          tl.fma(v, per_v[:, None], at_zero[:, None]))
     else:  # d((r + m)·(r - m))/dr = 2r = 2v/‖q_i‖ where α is not clipped (y above the threshold)
+        # A select on the compare, not arithmetic on v - threshold: compiled code contracts that difference
+        # into an fma with the threshold's product, so it is not exactly 0 where α is clipped.
         per_v = 2.0 * inv_norm_q * slope_scale
-        if ONE_KIND:  # a select on [y > threshold]: one compare, one select
-            slope = tl.where(y > threshold[:, None], y, 0.0) * tl.where(is_pos, -per_v[:, None], per_v[:, None])
-        else:
-            # [v > threshold] without a predicate: with both kinds live, 64 predicates a thread cost more
-            # registers than the tile has. v - threshold is 0 where α is clipped and a normal float
-            # otherwise, 2^126 lifts it past 1 (a difference below 2^-126 gives a fraction of the slope,
-            # of a similarity that close to the margin's edge: m = 0 and a denormal y).
-            unclipped = tl.minimum((v - threshold[:, None]) * 8.507059173023462e37, 1.0)
-            slope = v * tl.where(is_pos, -per_v[:, None], per_v[:, None]) * unclipped
+        slope = tl.where(y > threshold[:, None], y, 0.0) * tl.where(is_pos, -per_v[:, None], per_v[:, None])
     return logit, slope
 
 

@@ -32,6 +32,11 @@ def test_true_and_detached_derivative(detach_alpha):
     weight[labels[:40]] = emb[:40] * 1.5  # peaked positives at s = 1
     check_against_reference(cl.circle_loss, (emb, weight, labels), "triton", dtype=torch.bfloat16, m=-0.1,
                             gamma=256.0, detach_alpha=detach_alpha)
+    # pair-wise tiles hold both kinds (unsorted, under 512 rows); α clipped on many pairs of both kinds,
+    # where the true derivative's slope must be exactly 0 (compiled code once gave ~1e28 there)
+    emb, _, labels, _ = make_inputs(300, 1, 72, dtype=torch.bfloat16, num_labels=20)
+    check_against_reference(cl.pairwise_circle_loss, (emb, labels), "triton", dtype=torch.bfloat16, m=0.25,
+                            detach_alpha=detach_alpha)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
