@@ -46,23 +46,26 @@ _ELEMENTWISE = {
 # 2·BLOCK_D is finished in the kernel (grad_keys.key_dim_groups). tile_config narrows BLOCK_D to what D
 # needs.
 PRESETS = {
-    ("sm90", "16"): {  # measured on an H200: benchmarks/tune_presets.py, results/nvidia-h200_*-tune_presets.txt,
-        # except the tile kernels' and grad_keys', chosen offline for the TMA kernels (aot, triton 3.9 /
-        # 3.6, no spills): issue_to_mma forward 0.48 / 0.52 (negatives-only tiles 0.41 / 0.41),
-        # forward_pairwise (one kind a launch) 0.48-0.55 / 0.48-0.62, grad_similarity 0.49 / 0.46,
-        # grad_similarity_full 0.55 / 0.52, grad_similarity_pairwise 0.62 / 0.63 (64 × 128),
-        # grad_similarity_pairwise_full 0.97 / 0.93 (64 × 128 spills with the true derivative's epilogue
-        # under 3.6), grad_keys 0.41 / 0.40. A sorted pair-wise problem's
-        # negatives-only tiles (label_order.py) take the class-level presets (backward 0.50 / 0.48 and
-        # 0.57 / 0.54). forward and forward_pairwise share BLOCK_B, as the grad_similarity presets do.
-        "forward": _tiles(128, 256, 128, 8, 2),
+    ("sm90", "16"): {  # measured: benchmarks/tune_presets.py on an H100 (results/nvidia-h100-*-tune_presets.txt:
+        # forward 128 × 256 × 64 s3 and grad_keys s3 took 0.6 and 1.2 ms off case A, 0.6 and 3.7 ms off case
+        # C) and before that on an H200; the other tile shapes chosen offline for the TMA kernels (aot,
+        # triton 3.9 / 3.6, no spills; the H100 timed them level with the candidates). issue_to_mma:
+        # forward 0.56 / 0.58 (negatives-only tiles 0.49 / 0.49; the measured-faster preset reads higher
+        # than 128 × 256 × 128's 0.48, its D loop being twice as long), forward_pairwise (one kind a launch)
+        # 0.48-0.55 / 0.48-0.62, grad_similarity 0.49 / 0.46, grad_similarity_full 0.55 / 0.52,
+        # grad_similarity_pairwise 0.62 / 0.63 (64 × 128), grad_similarity_pairwise_full 1.02 / 1.00
+        # (64 × 128 spills with the true derivative's epilogue under 3.6), grad_keys 0.44 / 0.43. A sorted
+        # pair-wise problem's negatives-only tiles (label_order.py) take the class-level presets (backward
+        # 0.50 / 0.48 and 0.57 / 0.54). forward and forward_pairwise share BLOCK_B, as the grad_similarity
+        # presets do.
+        "forward": _tiles(128, 256, 64, 8, 3),
         "forward_pairwise": _tiles(128, 256, 128, 8, 2),
         "grad_similarity": _tiles(64, 128, 256, 4, 2),
         "grad_similarity_full": _tiles(64, 128, 256, 4, 2),
         "grad_similarity_pairwise": _tiles(64, 128, 256, 4, 2),
         "grad_similarity_pairwise_full": _tiles(64, 64, 256, 4, 2),
         "grad_queries": _tiles(128, 64, 256, 8, 3),
-        "grad_keys": _tiles(64, 64, 256, 8, 2),
+        "grad_keys": _tiles(64, 64, 256, 8, 3),
         **_ELEMENTWISE,
     },
     ("sm90", "32"): {  # 3xTF32 holds high and low operand halves in registers: smaller tiles than 16-bit

@@ -85,9 +85,10 @@ def test_face_training_backward_tiles_keep_the_budget(report):
     the epilogue was folded, 0.71 while it summed the radial part and selected the positive) and with the
     true derivative (0.55; 1.27, 0.85), and so do a sorted pair-wise problem's negatives-only tiles (0.50,
     0.57), their forward tiles (0.41) and the pair-wise forward, one kind a launch (0.48-0.55; 1.02-1.09
-    with both kinds in one pass). Pair-wise backward tiles that may hold both kinds stay under 1.0 (0.62
-    with α detached, 0.97 with the true derivative's 64 × 64 tiles; 1.03-1.24 before, excluded keys
-    included, which are now zeroed after the tiles). grad_keys, with the normalisation's radial part taken
+    with both kinds in one pass). Pair-wise backward tiles that may hold both kinds stay under 1.05 (0.62
+    with α detached, 1.02 with the true derivative's 64 × 64 tiles, whose clipping indicator is a select:
+    the 0.97 of an arithmetic indicator was wrong on a GPU, see tile.circle_epilogue; 1.03-1.24 before,
+    excluded keys included, which are now zeroed after the tiles). grad_keys, with the normalisation's radial part taken
     from its own product, keeps the budget (0.41)."""
     _, rows, _ = report
     tiles = {(row["kernel"], row["variant"]): row["issue_to_mma"] for row in rows if row["arch"] == 90}
@@ -95,7 +96,7 @@ def test_face_training_backward_tiles_keep_the_budget(report):
     for mode in ("detach", "full"):
         assert tiles[backward, f"bf16 class-level {mode}-alpha"] <= 0.6
         assert tiles[backward, f"bf16 pair-wise negative tiles {mode}-alpha"] <= 0.6
-        assert tiles[backward, f"bf16 pair-wise {mode}-alpha"] <= 1.0
+        assert tiles[backward, f"bf16 pair-wise {mode}-alpha"] <= 1.05
     for form in ("class-level", "class-level negative tiles", "pair-wise negative tiles", "pair-wise negatives",
                  "pair-wise positives", "pair-wise exclude-self negatives", "pair-wise exclude-self positives"):
         assert tiles["circle_forward_kernel", f"bf16 {form}"] <= 0.6
