@@ -295,7 +295,7 @@ def test_preset_families():
 # grad_keys' second 256-wide accumulator, partly past D (fp32: several groups, the product finished apart)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_sm90_presets_under_the_interpreter(dtype, D, sort, monkeypatch):
-    """The interpreter runs the H100 tiles (16 bits: forward 64 × 256 × 64 and 64 × 128 × 128,
+    """The interpreter runs the H100 tiles (16 bits: forward 128 × 256 × 64 and 128 × 256 × 128,
     grad_similarity 64 × 128 × 256, grad_keys 64 keys × two 256-wide halves) on a case that crosses their row, key and D
     boundaries, through both operand paths and, sorted, with negatives-only and mixed tiles of different
     widths side by side, so their masking is checked without a GPU."""

@@ -53,7 +53,7 @@ def test_pairwise_forms_across_tiles(dtype):
 @pytest.mark.parametrize("detach_alpha", [True, False])
 def test_sorted_by_label_from_512_rows(detach_alpha):
     """From 512 rows the launchers sort by label (kernels/label_order.py) and run negatives-only and mixed
-    tiles apart, with the class-level presets (64 × 256 forward, 64 × 128 backward tiles) beside the
+    tiles apart, with the class-level presets (128 × 256 forward, 64 × 128 backward tiles) beside the
     pair-wise ones: class-level, in batch and against a reference set, results in the callers' order."""
     emb, weight, labels, _ = make_inputs(700, 5003, 136, dtype=torch.bfloat16)
     labels[::11] = -100
