@@ -16,13 +16,18 @@ from circleloss_ext.kernels import presets
 from .cases import GPU_CASE_A, GPU_CASE_C, make_inputs
 from .implementations import LOSSES
 
-CANDIDATES = {  # (BLOCK_B, BLOCK_N, BLOCK_D, warps, stages)
+R = {"RESIDENT_KEYS": True}  # grad_similarity holds its key tile for the whole row walk (tile.resident_keys)
+CANDIDATES = {  # (BLOCK_B, BLOCK_N, BLOCK_D, warps, stages[, constexprs])
     # forward and forward_pairwise share BLOCK_B (a sorted problem indexes one table of row blocks)
     "forward": [(128, 256, 64, 8, 3), (128, 256, 128, 8, 2), (128, 256, 64, 8, 2), (128, 128, 64, 8, 3),
                 (128, 256, 64, 8, 4)],
     "forward_pairwise": [(128, 256, 128, 8, 2), (128, 256, 64, 8, 3), (128, 128, 128, 8, 2)],
-    "grad_similarity": [(64, 128, 256, 4, 2), (64, 256, 128, 4, 2), (64, 64, 256, 4, 2), (64, 128, 128, 4, 2)],
-    "grad_similarity_pairwise": [(64, 128, 256, 4, 2), (64, 64, 256, 4, 2), (64, 128, 128, 4, 2)],
+    # resident keys: at D = 512 (case A) 64 keys fit two stages of rows (205 KB), 128 keys one (165 KB);
+    # at D = 128 (case C) the keys are one 128-wide chunk and more stages fit
+    "grad_similarity": [(64, 128, 256, 4, 2), (64, 256, 128, 4, 2), (64, 128, 128, 4, 2), (64, 64, 256, 4, 2, R),
+                        (64, 128, 256, 4, 1, R), (64, 128, 256, 4, 3, R), (64, 256, 256, 4, 2, R)],
+    "grad_similarity_pairwise": [(64, 128, 256, 4, 2), (64, 64, 256, 4, 2), (64, 128, 128, 4, 2),
+                                 (64, 128, 256, 4, 3, R)],
     "grad_queries": [(128, 64, 128, 8, 4), (128, 64, 256, 8, 3), (64, 64, 128, 4, 4), (128, 128, 128, 8, 3),
                      (128, 128, 256, 8, 2)],
     # grad_keys: BLOCK_D is each of its two accumulators' width; both together hold D = 512 whole
@@ -58,7 +63,7 @@ def main(argv=None) -> None:
         for kernel in args.kernels:
             candidates, current = CANDIDATES[kernel], table[kernel]
             for blocks in candidates:
-                table[kernel] = presets._tiles(*blocks)
+                table[kernel] = presets._tiles(*blocks[:5], **(blocks[5] if len(blocks) > 5 else {}))
                 try:
                     forward_ms, backward_ms = _step_times(case)
                     timing = f"forward {forward_ms:7.2f} ms  backward {backward_ms:7.2f} ms"

@@ -14,7 +14,10 @@ apply the negative formula to every key, with no labels and no masks: each row's
 circle_positive_gradient_kernel, one gathered dot a row) is written over them afterwards, one entry a
 row, and so is a zero at each row's excluded key (circle_row_entries_kernel): no tile masks them.
 With TMA the operands come through tensor descriptors and H leaves through one (h_desc); the chunk's
-last partial tile runs in a launch of its own (EDGE), the only one that masks keys past N.
+last partial tile runs in a launch of its own (EDGE), the only one that masks keys past N. With
+RESIDENT_KEYS (a preset's choice, with TMA and D in at most two BLOCK_D chunks) the program loads its key
+tile once and keeps it for the whole walk: only the rows stream, and the row loop is the one the
+compiler pipelines (otherwise the D loop inside each tile is, which at D = 128 has one step).
 A pair-wise problem sorted by label (label_order.py) runs two launches: TILES "negative" takes the row
 blocks whose mixed range misses the program's key tile (the negatives-only epilogue, no labels, no masks
 but EDGE's), "mixed" the others.
@@ -25,8 +28,8 @@ from the positive and c = c_n = ε/C onto every negative.
 import triton
 import triton.language as tl
 
-from .tile import (LOG2_E, circle_epilogue, column_labels, dot_tile, gathered_positive, keys_in_bounds,
-                   positive_pairs, query_norms, row_labels)
+from .tile import (LOG2_E, circle_epilogue, column_labels, dot_resident, dot_tile, gathered_positive,
+                   keys_in_bounds, positive_pairs, query_norms, resident_keys, row_labels)
 
 
 @triton.jit
@@ -124,7 +127,7 @@ def circle_grad_similarity_kernel(
     CLASS_LEVEL: tl.constexpr, DETACH_ALPHA: tl.constexpr, LABEL_SMOOTHING: tl.constexpr, EDGE: tl.constexpr,
     TILES: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
-    TMA: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    TMA: tl.constexpr, DOT_PRECISION: tl.constexpr, KEY_CHUNKS: tl.constexpr, RESIDENT_KEYS: tl.constexpr = False,
 ):
     split = tl.program_id(1)
     # this program's keys: one tile of the chunk, fixed for the whole program
@@ -140,6 +143,11 @@ def circle_grad_similarity_kernel(
         k_label = column_labels(k_label_ptr, first_key, N, BLOCK_N, False)
     if EDGE:  # the last partial tile: keys past N are no pair
         in_bounds = keys_in_bounds(first_key, N, BLOCK_N)[None, :]
+    # RESIDENT_KEYS (a preset's choice; with TMA and D in at most two chunks): the key tile stays in
+    # shared memory for the whole walk and only the rows stream
+    resident: tl.constexpr = RESIDENT_KEYS and TMA and KEY_CHUNKS <= 2
+    if resident:
+        keys_first, keys_second = resident_keys(k_desc, first_key, BLOCK_D, KEY_CHUNKS)
     row_stop = tl.minimum(split.to(tl.int64) * rows_per_split + rows_per_split, B)
     for rows_start in range(split.to(tl.int64) * rows_per_split, row_stop, BLOCK_B):
         # every row block (TILES "all"), or (sorted problems, label_order.py) only those whose mixed
@@ -158,8 +166,13 @@ def circle_grad_similarity_kernel(
             if pairs:
                 q_label = row_labels(q_label_ptr, rows, B, False)
             # S tile in units of 1/‖q_i‖, recomputed: raw products on the tensor cores, the keys' norms folded in
-            dots = dot_tile(q_ptr, k_ptr, q_desc, k_desc, rows_start, first_key, B, N, D, stride_qb, stride_qd,
-                            stride_kn, stride_kd, BLOCK_B, BLOCK_N, BLOCK_D, EVEN_D, TMA, DOT_PRECISION)
+            if resident:
+                dots = dot_resident(q_desc, rows_start, keys_first, keys_second, BLOCK_B, BLOCK_N, BLOCK_D,
+                                    KEY_CHUNKS, DOT_PRECISION)
+            else:
+                dots = dot_tile(q_ptr, k_ptr, q_desc, k_desc, rows_start, first_key, B, N, D, stride_qb,
+                                stride_qd, stride_kn, stride_kd, BLOCK_B, BLOCK_N, BLOCK_D, EVEN_D, TMA,
+                                DOT_PRECISION)
             t = dots * inv_norm_k[None, :]
             if pairs:  # both kinds
                 g = _gradient(t, positive_pairs(q_label, k_label, first_key, False), norm_q, inv_norm_q, lse_pos2,

@@ -44,7 +44,10 @@ _ELEMENTWISE = {
 # kinds. grad_queries is the product H · K (BLOCK_B × BLOCK_D outputs, BLOCK_N keys a step); grad_keys
 # is Hᵀ · Q (BLOCK_N keys × one or two accumulators of BLOCK_D dims, BLOCK_B rows a step): D up to
 # 2·BLOCK_D is finished in the kernel (grad_keys.key_dim_groups). tile_config narrows BLOCK_D to what D
-# needs.
+# needs. A grad_similarity preset may set RESIDENT_KEYS: each program then holds its key tile in shared
+# memory for its whole walk over the rows (with tensor descriptors, D in at most two BLOCK_D chunks), so
+# that only the rows stream and the row loop is the one pipelined (tile.resident_keys); none does until a
+# GPU has timed it (benchmarks/tune_presets.py lists candidates).
 PRESETS = {
     ("sm90", "16"): {  # measured: benchmarks/tune_presets.py on an H100 (results/nvidia-h100-*-tune_presets.txt:
         # forward 128 × 256 × 64 s3 and grad_keys s3 took 0.6 and 1.2 ms off case A, 0.6 and 3.7 ms off case

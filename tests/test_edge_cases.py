@@ -309,6 +309,29 @@ def test_sm90_presets_under_the_interpreter(dtype, D, sort, monkeypatch):
     check_against_reference(cl.pairwise_circle_loss, (emb, labels % 5), "triton", dtype=dtype)
 
 
+@pytest.mark.parametrize("D", [72, 264, 130, 600])  # tensor descriptors in one chunk, in two (the second
+# partly past D); streamed after all: pointers (rows of 260 bytes), three chunks
+def test_resident_keys_under_the_interpreter(D, monkeypatch):
+    """grad_similarity with RESIDENT_KEYS (the key tile loaded once, held for the program's whole walk
+    over the rows, only the rows streamed) on 64 × 128 × 256 tiles: the same gradients as the reference
+    for class-level keys with either derivative and pair-wise labels sorted by label (negatives-only and
+    mixed tiles, both resident), in bf16."""
+    from circleloss_ext.kernels import label_order, presets
+    table = dict(presets.PRESETS[("sm90", "16")])
+    for name in ("grad_similarity", "grad_similarity_full", "grad_similarity_pairwise",
+                 "grad_similarity_pairwise_full"):
+        table[name] = presets.LaunchConfig({**table[name].blocks, "RESIDENT_KEYS": True}, table[name].num_warps,
+                                           table[name].num_stages)
+    monkeypatch.setattr(presets, "_INTERPRETER", table)
+    monkeypatch.setattr(label_order, "SORT_MIN_ROWS", 0)
+    emb, weight, labels, _ = make_inputs(130, 261, D, dtype=torch.bfloat16, device="cpu")
+    for detach_alpha in (True, False):
+        check_against_reference(cl.circle_loss, (emb, weight, labels), "triton", dtype=torch.bfloat16,
+                                reduction="sum", detach_alpha=detach_alpha)
+    check_against_reference(cl.pairwise_circle_loss, (emb, labels % 5), "triton", dtype=torch.bfloat16,
+                            detach_alpha=False)
+
+
 @pytest.mark.parametrize("form", ["batch", "reference set"])
 def test_pairwise_labels_past_int32(form, fused):
     """The Triton kernels compare pair-wise labels as dense int32 ids (tile.dense_labels): labels past
