@@ -22,7 +22,7 @@ from .grad_keys import circle_grad_keys_kernel, key_dim_groups
 from .grad_queries import circle_grad_queries_kernel
 from .grad_similarity import (circle_grad_similarity_kernel, circle_positive_gradient_kernel,
                               circle_row_entries_kernel)
-from .label_order import label_order, tile_launches
+from .label_order import label_order, mixed_group, tile_launches
 from .presets import dot_precision, splits_to_fill, tile_config
 from .tile import edge_ranges, operand_loads, problem_arguments, workspace_descriptor
 
@@ -98,7 +98,8 @@ def circle_backward(grad_rows, queries, keys, query_labels, key_labels, inv_norm
         "grad_similarity_pairwise" if detach_alpha else "grad_similarity_pairwise_full", queries)
     # the tiles leave excluded keys to circle_row_entries_kernel: they neither mask them nor widen the
     # mixed ranges for them
-    kinds, mixed = tile_launches(order, problem, None, class_level, mixed_config, split_kinds=False)
+    kinds, mixed = tile_launches(order, problem, None, class_level, mixed_config, split_kinds=False, walk_rows=True)
+    group = mixed_group(class_level, mixed_config) if order is not None else 1
     tile_problem = {k: v for k, v in problem.items() if k not in ("excluded_key_ptr", "EXCLUDE_KEY")}
     entries_cfg = tile_config("row_entries", queries)
     queries_cfg = tile_config("grad_queries", queries)
@@ -145,7 +146,8 @@ def circle_backward(grad_rows, queries, keys, query_labels, key_labels, inv_norm
                 circle_grad_similarity_kernel[(triton.cdiv(local_end - local_begin, block_n), row_splits)](
                     **tile_problem, lse_pos_ptr=lse_pos, lse_neg_ptr=lse_neg, row_scale_ptr=row_scale,
                     grad_rows_ptr=grad_rows, grad_scale_ptr=grad_scale, h_ptr=h,
-                    h_desc=h_descs[tiles], mixed_ptr=mixed, key_start=key_start, h_stride=chunk,
+                    h_desc=h_descs[tiles], mixed_ptr=mixed, mixed_group=group, key_start=key_start,
+                    h_stride=chunk,
                     local_begin=local_begin, rows_per_split=rows_per_split, smooth_pos=smooth_pos,
                     smooth_neg=smooth_neg, DETACH_ALPHA=detach_alpha, LABEL_SMOOTHING=smoothing, EDGE=edge,
                     TILES=tiles, KEY_CHUNKS=min(triton.cdiv(D, cfg.blocks["BLOCK_D"]), 3), **loads[tiles],

@@ -32,7 +32,7 @@ from .label_order import label_order, tile_launches
 from .presets import splits_to_fill, tile_config
 from .tile import (LN_2, LOG2_E, circle_epilogue, column_labels, dot_tile, edge_ranges, excluded_pairs,
                    gathered_positive, keys_in_bounds, operand_loads, positive_pairs, problem_arguments, query_norms,
-                   row_excluded_keys, row_labels)
+                   row_excluded_keys, row_labels, walk_at, walk_span)
 
 
 @triton.jit
@@ -67,15 +67,7 @@ def circle_forward_kernel(
     key_stop = tl.minimum(key_start + keys_per_split, key_end)
     # this program's tiles: all of its keys, or (TILES) those outside or inside the row block's mixed
     # range, the key tiles that may hold a positive or an excluded key of one of its rows (mixed_key_ranges)
-    first, count, skip_at, skip = key_start, key_stop - key_start, key_stop, key_stop * 0
-    if TILES != "all":
-        mixed = mixed_ptr + 2 * tl.program_id(0)
-        mixed_lo = tl.minimum(tl.maximum(tl.load(mixed).to(tl.int64), key_start), key_stop)
-        mixed_hi = tl.minimum(tl.maximum(tl.load(mixed + 1).to(tl.int64), mixed_lo), key_stop)
-        if TILES == "mixed":
-            first, count = mixed_lo, mixed_hi - mixed_lo
-        else:  # the keys before the mixed range, then those after it
-            count, skip_at, skip = count - (mixed_hi - mixed_lo), mixed_lo, mixed_hi - mixed_lo
+    first, count, skip_at, skip = walk_span(mixed_ptr + 2 * tl.program_id(0), key_start, key_stop, TILES)
     # which pairs of a tile are this launch's kind: class-level tiles mask the row's own class (its
     # positive is gathered after the loop); pair-wise tiles that may hold both kinds mask the other kind
     # and the row's excluded key; negatives-only tiles (TILES "negative") mask nothing
@@ -86,8 +78,7 @@ def circle_forward_kernel(
         excluded_key = row_excluded_keys(excluded_key_ptr, rows, B)
     scale2 = gamma * LOG2_E  # logit units (γ) to base-2 logits
     for step in range(0, count, BLOCK_N):
-        n0 = first + step
-        n0 = tl.where(n0 >= skip_at, n0 + skip, n0)
+        n0 = walk_at(first, step, skip_at, skip)
         keys = n0 + tl.arange(0, BLOCK_N)
         # S tile in units of 1/‖q_i‖: raw products on the tensor cores, the keys' norms folded in
         dots = dot_tile(q_ptr, k_ptr, q_desc, k_desc, rows_start, n0, B, N, D, stride_qb, stride_qd, stride_kn,

@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 from .tile import (LOG2_E, circle_epilogue, column_labels, dot_resident, dot_tile, gathered_positive,
-                   keys_in_bounds, positive_pairs, query_norms, resident_keys, row_labels)
+                   keys_in_bounds, positive_pairs, query_norms, resident_keys, row_labels, walk_at, walk_span)
 
 
 @triton.jit
@@ -122,7 +122,7 @@ def circle_grad_similarity_kernel(
     q_ptr, k_ptr, q_desc, k_desc, q_label_ptr, k_label_ptr, inv_norm_q_ptr, inv_norm_k_ptr,
     lse_pos_ptr, lse_neg_ptr, row_scale_ptr, grad_rows_ptr, grad_scale_ptr, h_ptr, h_desc, mixed_ptr,
     B, N, D, stride_qb, stride_qd, stride_kn, stride_kd, key_start, h_stride, local_begin,
-    rows_per_split,
+    rows_per_split, mixed_group,
     margin, gamma, smooth_pos, smooth_neg,
     CLASS_LEVEL: tl.constexpr, DETACH_ALPHA: tl.constexpr, LABEL_SMOOTHING: tl.constexpr, EDGE: tl.constexpr,
     TILES: tl.constexpr,
@@ -148,44 +148,42 @@ def circle_grad_similarity_kernel(
     resident: tl.constexpr = RESIDENT_KEYS and TMA and KEY_CHUNKS <= 2
     if resident:
         keys_first, keys_second = resident_keys(k_desc, first_key, BLOCK_D, KEY_CHUNKS)
-    row_stop = tl.minimum(split.to(tl.int64) * rows_per_split + rows_per_split, B)
-    for rows_start in range(split.to(tl.int64) * rows_per_split, row_stop, BLOCK_B):
-        # every row block (TILES "all"), or (sorted problems, label_order.py) only those whose mixed
-        # range [lo, hi) of key tiles meets this one ("mixed") or does not ("negative")
-        take = True
-        if TILES != "all":
-            mixed = mixed_ptr + 2 * (rows_start // BLOCK_B)
-            meets = (first_key < tl.load(mixed + 1)) & (first_key + BLOCK_N > tl.load(mixed))
-            take = meets if TILES == "mixed" else ~meets
-        if take:
-            rows = rows_start + tl.arange(0, BLOCK_B)
-            row_ok = rows < B
-            norm_q, inv_norm_q, lse_pos2, lse_neg2, row_factor, row_scale, grad_row = _row_terms(
-                inv_norm_q_ptr, lse_pos_ptr, lse_neg_ptr, row_scale_ptr, grad_rows_ptr, grad_scale_ptr, rows, B,
-                LABEL_SMOOTHING)
-            if pairs:
-                q_label = row_labels(q_label_ptr, rows, B, False)
-            # S tile in units of 1/‖q_i‖, recomputed: raw products on the tensor cores, the keys' norms folded in
-            if resident:
-                dots = dot_resident(q_desc, rows_start, keys_first, keys_second, BLOCK_B, BLOCK_N, BLOCK_D,
-                                    KEY_CHUNKS, DOT_PRECISION)
-            else:
-                dots = dot_tile(q_ptr, k_ptr, q_desc, k_desc, rows_start, first_key, B, N, D, stride_qb,
-                                stride_qd, stride_kn, stride_kd, BLOCK_B, BLOCK_N, BLOCK_D, EVEN_D, TMA,
-                                DOT_PRECISION)
-            t = dots * inv_norm_k[None, :]
-            if pairs:  # both kinds
-                g = _gradient(t, positive_pairs(q_label, k_label, first_key, False), norm_q, inv_norm_q, lse_pos2,
-                              lse_neg2, row_factor, row_scale, grad_row, margin, gamma, smooth_pos, smooth_neg,
-                              DETACH_ALPHA, LABEL_SMOOTHING)
-            else:  # the negative formula on every similarity
-                g = _gradient(t, False, norm_q, inv_norm_q, lse_pos2, lse_neg2, row_factor, row_scale, grad_row,
-                              margin, gamma, smooth_pos, smooth_neg, DETACH_ALPHA, LABEL_SMOOTHING)
-            if EDGE:
-                g = tl.where(in_bounds, g, 0.0)
-            h = (g * inv_norm_k[None, :]).to(h_ptr.dtype.element_ty)
-            # rows ≥ B are not stored; columns past the chunk (zeros, in the EDGE tile) land in its padding
-            if TMA:  # one bulk copy, which clips the rows
-                h_desc.store([tl.cast(rows_start, tl.int32), tl.cast(local0, tl.int32)], h)
-            else:
-                tl.store(h_ptr + rows[:, None] * h_stride + local[None, :], h, mask=row_ok[:, None])
+    # this split's row blocks: all of them (TILES "all"), or (sorted problems, label_order.py) those in the
+    # run of rows whose mixed ranges may meet this key tile's group of mixed_group keys ("mixed"), or the
+    # others ("negative"), walked without a branch
+    row_begin = split.to(tl.int64) * rows_per_split
+    first, count, skip_at, skip = walk_span(mixed_ptr + 2 * (first_key // mixed_group), row_begin,
+                                            tl.minimum(row_begin + rows_per_split, B), TILES)
+    for step in range(0, count, BLOCK_B):
+        rows_start = walk_at(first, step, skip_at, skip)
+        rows = rows_start + tl.arange(0, BLOCK_B)
+        row_ok = rows < B
+        norm_q, inv_norm_q, lse_pos2, lse_neg2, row_factor, row_scale, grad_row = _row_terms(
+            inv_norm_q_ptr, lse_pos_ptr, lse_neg_ptr, row_scale_ptr, grad_rows_ptr, grad_scale_ptr, rows, B,
+            LABEL_SMOOTHING)
+        if pairs:
+            q_label = row_labels(q_label_ptr, rows, B, False)
+        # S tile in units of 1/‖q_i‖, recomputed: raw products on the tensor cores, the keys' norms folded in
+        if resident:
+            dots = dot_resident(q_desc, rows_start, keys_first, keys_second, BLOCK_B, BLOCK_N, BLOCK_D,
+                                KEY_CHUNKS, DOT_PRECISION)
+        else:
+            dots = dot_tile(q_ptr, k_ptr, q_desc, k_desc, rows_start, first_key, B, N, D, stride_qb,
+                            stride_qd, stride_kn, stride_kd, BLOCK_B, BLOCK_N, BLOCK_D, EVEN_D, TMA,
+                            DOT_PRECISION)
+        t = dots * inv_norm_k[None, :]
+        if pairs:  # both kinds
+            g = _gradient(t, positive_pairs(q_label, k_label, first_key, False), norm_q, inv_norm_q, lse_pos2,
+                          lse_neg2, row_factor, row_scale, grad_row, margin, gamma, smooth_pos, smooth_neg,
+                          DETACH_ALPHA, LABEL_SMOOTHING)
+        else:  # the negative formula on every similarity
+            g = _gradient(t, False, norm_q, inv_norm_q, lse_pos2, lse_neg2, row_factor, row_scale, grad_row,
+                          margin, gamma, smooth_pos, smooth_neg, DETACH_ALPHA, LABEL_SMOOTHING)
+        if EDGE:
+            g = tl.where(in_bounds, g, 0.0)
+        h = (g * inv_norm_k[None, :]).to(h_ptr.dtype.element_ty)
+        # rows ≥ B are not stored; columns past the chunk (zeros, in the EDGE tile) land in its padding
+        if TMA:  # one bulk copy, which clips the rows
+            h_desc.store([tl.cast(rows_start, tl.int32), tl.cast(local0, tl.int32)], h)
+        else:
+            tl.store(h_ptr + rows[:, None] * h_stride + local[None, :], h, mask=row_ok[:, None])

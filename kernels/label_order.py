@@ -88,16 +88,43 @@ def mixed_key_ranges(query_labels: torch.Tensor, key_labels: Optional[torch.Tens
     return torch.stack([torch.where(empty, 0, lo), torch.where(empty, 0, hi)], dim=1).to(torch.int32)
 
 
+def mixed_row_ranges(key_ranges: torch.Tensor, num_keys: int, group: int) -> torch.Tensor:
+    """int32 (key groups, 2): for each group of `group` keys (a multiple of every launch's BLOCK_N), [lo,
+    hi) in row blocks, every row block whose mixed range (key_ranges, from mixed_key_ranges) meets the
+    group, and any between them ((0, 0) if none): programs that own a key tile walk the rows, so each
+    launch's share is one run of row blocks ("mixed") or the rows around it ("negative"). Sorted rows
+    make the mixed ranges rise with the row block, so the run holds few others."""
+    lo, hi = key_ranges[:, 0].long(), key_ranges[:, 1].long()
+    empty = hi <= lo
+    # bounds that rise with the row block: hi_m_b >= hi_b and lo_m_b <= lo_b for every block that meets
+    hi_m = torch.cummax(torch.where(empty, 0, hi), dim=0).values
+    lo_m = torch.where(empty, num_keys + group, lo).flip(0).cummin(dim=0).values.flip(0)
+    starts = torch.arange(0, num_keys, group, device=key_ranges.device)
+    first = torch.searchsorted(hi_m, starts, right=True)  # the first block with hi_m > the group's start
+    stop = torch.searchsorted(lo_m, starts + group)  # the first block with lo_m >= the group's end
+    none = stop <= first
+    return torch.stack([torch.where(none, 0, first), torch.where(none, 0, stop)], dim=1).to(torch.int32)
+
+
+def mixed_group(negative_config, mixed_config) -> int:
+    """The keys a mixed range is measured in: whole tiles of both launches' widths."""
+    return math.lcm(negative_config.blocks["BLOCK_N"], mixed_config.blocks["BLOCK_N"])
+
+
 def tile_launches(order: Optional[LabelOrder], problem: dict, excluded_keys: Optional[torch.Tensor],
-                  negative_config, mixed_config, split_kinds: bool) -> tuple[list, torch.Tensor]:
+                  negative_config, mixed_config, split_kinds: bool, walk_rows: bool = False
+                  ) -> tuple[list, torch.Tensor]:
     """([(TILES, KIND, config)], mixed ranges): the launches that together cover every tile of a problem
     (from tile.problem_arguments) and the table of mixed ranges their kernels index. Unsorted, every tile
     with mixed_config; sorted, the negatives-only tiles with negative_config ("negative") and the mixed
     ones with mixed_config ("mixed"). KIND: class-level tiles take the negatives (their positives are
     gathered apart); pair-wise tiles that may hold both kinds take one kind a launch with split_kinds
     (the forward: "negative" and "positive", the other masked), else both at once ("both", the
-    backward). Launches that index the table share BLOCK_B (a test checks the presets); its ranges are
-    whole tiles of both configs' widths."""
+    backward). Launches that index the table share BLOCK_B (a test checks the presets). The table holds,
+    for kernels whose programs own a row block and walk the keys, each row block's range of keys, whole
+    tiles of both configs' widths (mixed_key_ranges); with walk_rows, for kernels whose programs own a
+    key tile and walk the rows, each group of mixed_group keys' range of rows (mixed_row_ranges, in
+    rows)."""
     kinds = ("negative", "positive") if split_kinds else ("both",)
     mixed_kinds = ("negative",) if problem["CLASS_LEVEL"] else kinds
     if order is None:
@@ -107,7 +134,9 @@ def tile_launches(order: Optional[LabelOrder], problem: dict, excluded_keys: Opt
         raise ValueError(f"the negatives-only and mixed tiles of a sorted problem index one table of row blocks: "
                          f"their presets must share BLOCK_B, got {negative_config.label()} and {mixed_config.label()}")
     launches = [("negative", "negative", negative_config)] + [("mixed", kind, mixed_config) for kind in mixed_kinds]
+    block_b, group = mixed_config.blocks["BLOCK_B"], mixed_group(negative_config, mixed_config)
     ranges = mixed_key_ranges(problem["q_label_ptr"], None if problem["CLASS_LEVEL"] else problem["k_label_ptr"],
-                              problem["N"], excluded_keys, mixed_config.blocks["BLOCK_B"],
-                              math.lcm(negative_config.blocks["BLOCK_N"], mixed_config.blocks["BLOCK_N"]))
+                              problem["N"], excluded_keys, block_b, group)
+    if walk_rows:
+        ranges = mixed_row_ranges(ranges, problem["N"], group) * block_b
     return launches, ranges

@@ -93,6 +93,30 @@ def dot_resident(q_desc, row0, keys_first, keys_second, BLOCK_B: tl.constexpr, B
         acc = matmul(q_desc.load([tl.cast(row0, tl.int32), BLOCK_D]), tl.trans(keys_second), acc, DOT_PRECISION)
     return acc
 
+
+@triton.jit
+def walk_span(mixed_ptr, begin, stop, TILES: tl.constexpr):
+    """(first, count, skip_at, skip): which of [begin, stop) (keys or rows, whole tiles of them) a program
+    walks. TILES "all": all of it; "mixed": only the mixed range [lo, hi) at mixed_ptr (label_order.py);
+    "negative": the rest, count steps from first that jump the range (walk_at)."""
+    first, count, skip_at, skip = begin, stop - begin, stop, stop * 0
+    if TILES != "all":
+        lo = tl.minimum(tl.maximum(tl.load(mixed_ptr).to(tl.int64), begin), stop)
+        hi = tl.minimum(tl.maximum(tl.load(mixed_ptr + 1).to(tl.int64), lo), stop)
+        if TILES == "mixed":
+            first, count = lo, hi - lo
+        else:  # before the mixed range, then after it
+            count, skip_at, skip = count - (hi - lo), lo, hi - lo
+    return first, count, skip_at, skip
+
+
+@triton.jit
+def walk_at(first, step, skip_at, skip):
+    """The start of the tile `step` positions into a walk_span: a jump, not a branch, so that the loop
+    stays one the compiler can pipeline."""
+    position = first + step
+    return tl.where(position >= skip_at, position + skip, position)
+
 @triton.jit
 def circle_epilogue(t, is_pos, norm_q, inv_norm_q, margin, logit_scale, offset_pos, offset_neg, slope_scale,
                     DETACH_ALPHA: tl.constexpr):

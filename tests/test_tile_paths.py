@@ -187,3 +187,30 @@ def test_mixed_key_ranges_hold_every_positive_and_excluded_key(form):
     keys = torch.arange(N)[None, :]
     assert not (positive & ((keys < lo[:, None]) | (keys >= hi[:, None]))).any()
     assert ((hi - lo) < N).any()  # and the ranges leave negatives-only tiles
+
+
+@pytest.mark.parametrize("key_labels_present", [True, False])
+def test_mixed_row_ranges_hold_every_mixed_tile(key_labels_present):
+    """The transposed table grad_similarity walks (its programs own a key tile): for each group of keys,
+    one run of row blocks holds every block whose mixed range meets the group, and with sorted labels the
+    run is exactly those blocks; blocks with no positive (rows whose label no key has) may lie inside a
+    run, never decide one."""
+    from circleloss_ext.kernels.label_order import mixed_key_ranges, mixed_row_ranges
+    gen = torch.Generator().manual_seed(5)
+    B, N, block_b, group = 403, 517, 16, 64
+    labels = torch.randint(0, 40, (B,), generator=gen).sort().values
+    key_labels = torch.randint(0, 40 if key_labels_present else 20, (N,), generator=gen).sort().values
+    key_ranges = mixed_key_ranges(labels, key_labels, N, None, block_b, group)
+    rows = mixed_row_ranges(key_ranges, N, group).long()
+    starts = torch.arange(0, N, group)
+    lo, hi = key_ranges.long().unbind(dim=1)
+    meets = (lo[:, None] < starts[None, :] + group) & (hi[:, None] > starts[None, :])  # (row blocks, groups)
+    block = torch.arange(meets.shape[0])[:, None]
+    inside = (block >= rows[None, :, 0]) & (block < rows[None, :, 1])
+    assert not (meets & ~inside).any()
+    has_mixed = meets.any(dim=0)
+    first = torch.where(meets, block, meets.shape[0]).amin(dim=0)
+    last = torch.where(meets, block, -1).amax(dim=0)
+    assert torch.equal(rows[has_mixed, 0], first[has_mixed]) and torch.equal(rows[has_mixed, 1], last[has_mixed] + 1)
+    assert (rows[~has_mixed] == 0).all()
+    assert has_mixed.any() and (~meets).any()
