@@ -18,12 +18,12 @@ import math
 import torch
 import triton
 
-from .grad_keys import circle_grad_keys_kernel, key_dim_groups
+from .grad_keys import circle_grad_keys_kernel, key_dim_groups, key_tile
 from .grad_queries import circle_grad_queries_kernel
 from .grad_similarity import (circle_grad_similarity_kernel, circle_positive_gradient_kernel,
                               circle_row_entries_kernel)
 from .label_order import label_order, mixed_group, tile_launches
-from .presets import dot_precision, splits_to_fill, tile_config
+from .presets import dot_precision, preset, splits_to_fill, tile_config
 from .tile import edge_ranges, operand_loads, problem_arguments, workspace_descriptor
 
 DEFAULT_WORKSPACE_BYTES = 1 << 30
@@ -103,7 +103,7 @@ def circle_backward(grad_rows, queries, keys, query_labels, key_labels, inv_norm
     tile_problem = {k: v for k, v in problem.items() if k not in ("excluded_key_ptr", "EXCLUDE_KEY")}
     entries_cfg = tile_config("row_entries", queries)
     queries_cfg = tile_config("grad_queries", queries)
-    keys_cfg = tile_config("grad_keys", queries)
+    keys_cfg = key_tile(preset("grad_keys", queries), D)
     # grad_similarity splits the rows as far as it takes N's key tiles to fill the device
     launches = []
     for tiles, _, cfg in kinds:  # (class-level tiles take the negatives, pair-wise mixed ones both kinds)

@@ -155,10 +155,15 @@ def operand_width(dtype: torch.dtype) -> str:
     return "32" if dtype == torch.float32 else "16"
 
 
+def preset(kernel: str, x: torch.Tensor) -> LaunchConfig:
+    """The preset of `kernel` for operands like x, as the table holds it."""
+    return _INTERPRETER[kernel] if interpreting() else PRESETS[(_family(x), operand_width(x.dtype))][kernel]
+
+
 def tile_config(kernel: str, x: torch.Tensor) -> LaunchConfig:
     """The preset of `kernel` for operands like x (rows of D = x.shape[1]), its BLOCK_D no wider than D
     needs (the next power of two, at least 16): a D = 128 problem does not pay for 256-wide chunks of zeros."""
-    config = _INTERPRETER[kernel] if interpreting() else PRESETS[(_family(x), operand_width(x.dtype))][kernel]
+    config = preset(kernel, x)
     depth = max(16, triton.next_power_of_2(x.shape[1]))
     if config.blocks.get("BLOCK_D", 0) <= depth:
         return config

@@ -214,3 +214,23 @@ def test_mixed_row_ranges_hold_every_mixed_tile(key_labels_present):
     assert torch.equal(rows[has_mixed, 0], first[has_mixed]) and torch.equal(rows[has_mixed, 1], last[has_mixed] + 1)
     assert (rows[~has_mixed] == 0).all()
     assert has_mixed.any() and (~meets).any()
+
+
+def test_grad_keys_takes_more_keys_where_d_is_narrow():
+    """grad_keys' preset holds two BLOCK_D halves a key for the widest D; where D fits one narrower
+    accumulator the launch takes up to 4× the keys (every program reads all of Q), within the preset's
+    registers (accumulator and one slice of keys) and shared memory per stage, and covers D."""
+    from circleloss_ext.kernels.grad_keys import key_dim_groups, key_tile
+    from circleloss_ext.kernels.presets import PRESETS
+    for table in PRESETS.values():
+        config = table["grad_keys"]
+        b, n, d = (config.blocks[k] for k in ("BLOCK_B", "BLOCK_N", "BLOCK_D"))
+        assert key_tile(config, 512) == config and key_tile(config, d + 1) == config
+        for D in (D for D in (16, 40, 64, 72, 128, 200, 256) if D <= d):
+            tile = key_tile(config, D)
+            n_w, d_w = tile.blocks["BLOCK_N"], tile.blocks["BLOCK_D"]
+            assert D <= d_w <= max(d, 16) and key_dim_groups(D, d_w) == (1, 1), (config, D)
+            assert n_w in (n, 2 * n, 4 * n) and tile.blocks["BLOCK_B"] == b
+            assert 2 * n_w * d_w <= 3 * n * d and n_w + d_w <= n + 2 * d, (config, D)
+    sm90 = PRESETS[("sm90", "16")]["grad_keys"]
+    assert key_tile(sm90, 128).blocks["BLOCK_N"] == 2 * sm90.blocks["BLOCK_N"]
