@@ -16,12 +16,14 @@ from circleloss_ext.kernels import presets
 from .cases import GPU_CASE_A, GPU_CASE_C, make_inputs
 from .implementations import LOSSES
 
-R = {"RESIDENT_KEYS": True}  # grad_similarity holds its key tile for the whole row walk (tile.resident_keys)
+R = {"RESIDENT_KEYS": True}  # grad_similarity holds its key tile for the whole row walk (tile.resident_tile)
+RR = {"RESIDENT_ROWS": True}  # the forward holds its row block for the whole key walk (D in at most 2 chunks)
 CANDIDATES = {  # (BLOCK_B, BLOCK_N, BLOCK_D, warps, stages[, constexprs])
     # forward and forward_pairwise share BLOCK_B (a sorted problem indexes one table of row blocks)
+    # (resident rows: case C's D = 128 only; at D = 512 they stream as without)
     "forward": [(128, 256, 64, 8, 3), (128, 256, 128, 8, 2), (128, 256, 64, 8, 2), (128, 128, 64, 8, 3),
-                (128, 256, 64, 8, 4)],
-    "forward_pairwise": [(128, 256, 128, 8, 2), (128, 256, 64, 8, 3), (128, 128, 128, 8, 2)],
+                (128, 256, 64, 8, 4), (128, 256, 64, 8, 2, RR)],
+    "forward_pairwise": [(128, 256, 128, 8, 2), (128, 256, 64, 8, 3), (128, 128, 128, 8, 2), (128, 256, 128, 8, 2, RR)],
     # resident keys: at D = 512 (case A) 64 keys fit two stages of rows (205 KB), 128 keys one (165 KB);
     # at D = 128 (case C) the keys are one 128-wide chunk and more stages fit
     "grad_similarity": [(64, 128, 256, 4, 2), (64, 256, 128, 4, 2), (64, 128, 128, 4, 2), (64, 64, 256, 4, 2, R),

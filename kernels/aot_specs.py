@@ -74,9 +74,10 @@ class Launch:
         if "HALVES" in names:  # grad_keys' accumulators at D = ANALYSIS_D, as circle_backward launches them
             halves, groups = key_dim_groups(ANALYSIS_D, config.blocks["BLOCK_D"])
             constexprs.update(HALVES=halves, FINISH=groups == 1)
-        if "KEY_CHUNKS" in names:  # grad_similarity: how many BLOCK_D chunks D = ANALYSIS_D takes (at most 3)
-            constexprs.update(KEY_CHUNKS=min(-(-ANALYSIS_D // config.blocks["BLOCK_D"]), 3),
-                              RESIDENT_KEYS=config.blocks.get("RESIDENT_KEYS", False))
+        if "D_CHUNKS" in names:  # the tile kernels: how many BLOCK_D chunks D = ANALYSIS_D takes (at most 3)
+            constexprs["D_CHUNKS"] = min(-(-ANALYSIS_D // config.blocks["BLOCK_D"]), 3)
+            for held in {"RESIDENT_KEYS", "RESIDENT_ROWS"} & set(names):  # the presets' option, off by default
+                constexprs[held] = config.blocks.get(held, False)
         if "TMA" in names:
             constexprs["TMA"] = tma
             constexprs["EVEN_D"] = not tma  # pointers: D = 512 is a multiple of every BLOCK_D

@@ -150,7 +150,7 @@ def circle_backward(grad_rows, queries, keys, query_labels, key_labels, inv_norm
                     h_stride=chunk,
                     local_begin=local_begin, rows_per_split=rows_per_split, smooth_pos=smooth_pos,
                     smooth_neg=smooth_neg, DETACH_ALPHA=detach_alpha, LABEL_SMOOTHING=smoothing, EDGE=edge,
-                    TILES=tiles, KEY_CHUNKS=min(triton.cdiv(D, cfg.blocks["BLOCK_D"]), 3), **loads[tiles],
+                    TILES=tiles, D_CHUNKS=min(triton.cdiv(D, cfg.blocks["BLOCK_D"]), 3), **loads[tiles],
                     **cfg.kwargs())
         if key_labels is None or problem["EXCLUDE_KEY"]:  # the entries written over the tiles
             circle_row_entries_kernel[(triton.cdiv(B, entries_cfg.blocks["BLOCK_B"]),)](

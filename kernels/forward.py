@@ -30,9 +30,9 @@ import triton.language as tl
 
 from .label_order import label_order, tile_launches
 from .presets import splits_to_fill, tile_config
-from .tile import (LN_2, LOG2_E, circle_epilogue, column_labels, dot_tile, edge_ranges, excluded_pairs,
+from .tile import (LN_2, LOG2_E, circle_epilogue, column_labels, dot_resident, dot_tile, edge_ranges, excluded_pairs,
                    gathered_positive, keys_in_bounds, operand_loads, positive_pairs, problem_arguments, query_norms,
-                   row_excluded_keys, row_labels, walk_at, walk_span)
+                   resident_tile, row_excluded_keys, row_labels, walk_at, walk_span)
 
 
 @triton.jit
@@ -52,6 +52,7 @@ def circle_forward_kernel(
     CLASS_LEVEL: tl.constexpr, EXCLUDE_KEY: tl.constexpr, TRACK_TOP1: tl.constexpr, NEGATIVE_SUM: tl.constexpr,
     EDGE: tl.constexpr, TILES: tl.constexpr, KIND: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, TMA: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    D_CHUNKS: tl.constexpr, RESIDENT_ROWS: tl.constexpr = False,
 ):
     split = tl.program_id(1)
     rows_start = tl.program_id(0).to(tl.int64) * BLOCK_B
@@ -77,12 +78,21 @@ def circle_forward_kernel(
     if EXCLUDE_KEY and labelled and not CLASS_LEVEL:
         excluded_key = row_excluded_keys(excluded_key_ptr, rows, B)
     scale2 = gamma * LOG2_E  # logit units (γ) to base-2 logits
+    # RESIDENT_ROWS (a preset's choice; with TMA and D in at most two chunks): the row block stays in
+    # shared memory for the whole walk and only the keys stream
+    resident: tl.constexpr = RESIDENT_ROWS and TMA and D_CHUNKS <= 2
+    if resident:
+        rows_first, rows_second = resident_tile(q_desc, rows_start, BLOCK_D, D_CHUNKS)
     for step in range(0, count, BLOCK_N):
         n0 = walk_at(first, step, skip_at, skip)
         keys = n0 + tl.arange(0, BLOCK_N)
         # S tile in units of 1/‖q_i‖: raw products on the tensor cores, the keys' norms folded in
-        dots = dot_tile(q_ptr, k_ptr, q_desc, k_desc, rows_start, n0, B, N, D, stride_qb, stride_qd, stride_kn,
-                        stride_kd, BLOCK_B, BLOCK_N, BLOCK_D, EVEN_D, TMA, DOT_PRECISION)
+        if resident:
+            dots = dot_resident(k_desc, n0, rows_first, rows_second, BLOCK_B, BLOCK_N, BLOCK_D, D_CHUNKS, "rows",
+                                DOT_PRECISION)
+        else:
+            dots = dot_tile(q_ptr, k_ptr, q_desc, k_desc, rows_start, n0, B, N, D, stride_qb, stride_qd, stride_kn,
+                            stride_kd, BLOCK_B, BLOCK_N, BLOCK_D, EVEN_D, TMA, DOT_PRECISION)
         t = dots * tl.load(inv_norm_k_ptr + keys, mask=keys < N, other=0.0)[None, :]
         # masks: keys past N (only in the EDGE launch, the last partial tile), the other kind, the row's
         # excluded key (its own slot: i itself in-batch, or its slot in a memory)
@@ -166,7 +176,8 @@ def circle_forward(queries, keys, query_labels, key_labels, inv_norm_q, inv_norm
             **problem, lse_pos_ptr=partial_pos[outputs], lse_neg_ptr=partial_neg[outputs], top_ptr=top[outputs],
             negative_sum_ptr=partial_sum[outputs], mixed_ptr=mixed, key_begin=key_begin, key_end=key_end,
             keys_per_split=keys_per_split, TRACK_TOP1=track_top1, NEGATIVE_SUM=negative_sum, EDGE=edge, TILES=tiles,
-            KIND=kind, **operand_loads(queries, keys, cfg), **cfg.kwargs())
+            KIND=kind, D_CHUNKS=min(triton.cdiv(queries.shape[1], cfg.blocks["BLOCK_D"]), 3),
+            **operand_loads(queries, keys, cfg), **cfg.kwargs())
         first += launch_splits
     lse_pos, lse_neg = torch.logsumexp(partial_pos, dim=0), torch.logsumexp(partial_neg, dim=0)
     top = top.amax(dim=0) if track_top1 else top.new_empty(0)

@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 from .tile import (LOG2_E, circle_epilogue, column_labels, dot_resident, dot_tile, gathered_positive,
-                   keys_in_bounds, positive_pairs, query_norms, resident_keys, row_labels, walk_at, walk_span)
+                   keys_in_bounds, positive_pairs, query_norms, resident_tile, row_labels, walk_at, walk_span)
 
 
 @triton.jit
@@ -127,7 +127,7 @@ def circle_grad_similarity_kernel(
     CLASS_LEVEL: tl.constexpr, DETACH_ALPHA: tl.constexpr, LABEL_SMOOTHING: tl.constexpr, EDGE: tl.constexpr,
     TILES: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
-    TMA: tl.constexpr, DOT_PRECISION: tl.constexpr, KEY_CHUNKS: tl.constexpr, RESIDENT_KEYS: tl.constexpr = False,
+    TMA: tl.constexpr, DOT_PRECISION: tl.constexpr, D_CHUNKS: tl.constexpr, RESIDENT_KEYS: tl.constexpr = False,
 ):
     split = tl.program_id(1)
     # this program's keys: one tile of the chunk, fixed for the whole program
@@ -145,9 +145,9 @@ def circle_grad_similarity_kernel(
         in_bounds = keys_in_bounds(first_key, N, BLOCK_N)[None, :]
     # RESIDENT_KEYS (a preset's choice; with TMA and D in at most two chunks): the key tile stays in
     # shared memory for the whole walk and only the rows stream
-    resident: tl.constexpr = RESIDENT_KEYS and TMA and KEY_CHUNKS <= 2
+    resident: tl.constexpr = RESIDENT_KEYS and TMA and D_CHUNKS <= 2
     if resident:
-        keys_first, keys_second = resident_keys(k_desc, first_key, BLOCK_D, KEY_CHUNKS)
+        keys_first, keys_second = resident_tile(k_desc, first_key, BLOCK_D, D_CHUNKS)
     # this split's row blocks: all of them (TILES "all"), or (sorted problems, label_order.py) those in the
     # run of rows whose mixed ranges may meet this key tile's group of mixed_group keys ("mixed"), or the
     # others ("negative"), walked without a branch
@@ -166,7 +166,7 @@ def circle_grad_similarity_kernel(
         # S tile in units of 1/‖q_i‖, recomputed: raw products on the tensor cores, the keys' norms folded in
         if resident:
             dots = dot_resident(q_desc, rows_start, keys_first, keys_second, BLOCK_B, BLOCK_N, BLOCK_D,
-                                KEY_CHUNKS, DOT_PRECISION)
+                                D_CHUNKS, "keys", DOT_PRECISION)
         else:
             dots = dot_tile(q_ptr, k_ptr, q_desc, k_desc, rows_start, first_key, B, N, D, stride_qb,
                             stride_qd, stride_kn, stride_kd, BLOCK_B, BLOCK_N, BLOCK_D, EVEN_D, TMA,

@@ -44,10 +44,12 @@ _ELEMENTWISE = {
 # kinds. grad_queries is the product H · K (BLOCK_B × BLOCK_D outputs, BLOCK_N keys a step); grad_keys
 # is Hᵀ · Q (BLOCK_N keys × one or two accumulators of BLOCK_D dims, BLOCK_B rows a step): D up to
 # 2·BLOCK_D is finished in the kernel (grad_keys.key_dim_groups). tile_config narrows BLOCK_D to what D
-# needs. A grad_similarity preset may set RESIDENT_KEYS: each program then holds its key tile in shared
-# memory for its whole walk over the rows (with tensor descriptors, D in at most two BLOCK_D chunks), so
-# that only the rows stream and the row loop is the one pipelined (tile.resident_keys); none does until a
-# GPU has timed it (benchmarks/tune_presets.py lists candidates).
+# needs. A grad_similarity preset may set RESIDENT_KEYS, a forward one RESIDENT_ROWS: each program then
+# holds the tile it owns (its keys; its rows) in shared memory for its whole walk over the other side (with
+# tensor descriptors, D in at most two BLOCK_D chunks), so that only the other side streams and the walk
+# is the loop the compiler pipelines (tile.resident_tile). Offline at D = 128 (sm_90 bf16) that takes the
+# tiles' issue ratio from 1.69 to 1.44 (forward 128 × 256 × 64 s2, grad_similarity 64 × 128 × 128 s3);
+# no preset sets either until a GPU has timed them (benchmarks/tune_presets.py lists the candidates).
 PRESETS = {
     ("sm90", "16"): {  # measured: benchmarks/tune_presets.py on an H100 (results/nvidia-h100-*-tune_presets.txt:
         # forward 128 × 256 × 64 s3 and grad_keys s3 took 0.6 and 1.2 ms off case A, 0.6 and 3.7 ms off case

@@ -69,28 +69,34 @@ def dot_tile(q_ptr, k_ptr, q_desc, k_desc, row0, key0, B, N, D, stride_qb, strid
 
 
 @triton.jit
-def resident_keys(k_desc, key0, BLOCK_D: tl.constexpr, KEY_CHUNKS: tl.constexpr):
-    """The keys j = key0 + [0, BLOCK_N) whole, for a program that keeps them for its whole walk over the
-    rows: KEY_CHUNKS (1 or 2) BLOCK_D-wide pieces through the tensor descriptor, loaded once (the compiler
-    keeps loop-invariant dot operands in shared memory); the second piece repeats the first when D
-    takes one."""
-    first = k_desc.load([tl.cast(key0, tl.int32), 0])
-    if KEY_CHUNKS == 2:
-        second = k_desc.load([tl.cast(key0, tl.int32), BLOCK_D])
+def resident_tile(desc, start, BLOCK_D: tl.constexpr, CHUNKS: tl.constexpr):
+    """A tile of rows (or keys) start + [0, BLOCK) whole, for a program that keeps it for its whole walk
+    over the other side: CHUNKS (1 or 2) BLOCK_D-wide pieces through the tensor descriptor, loaded once
+    (the compiler keeps loop-invariant dot operands in shared memory); the second piece repeats the first
+    when D takes one."""
+    first = desc.load([tl.cast(start, tl.int32), 0])
+    if CHUNKS == 2:
+        second = desc.load([tl.cast(start, tl.int32), BLOCK_D])
     else:
         second = first
     return first, second
 
 
 @triton.jit
-def dot_resident(q_desc, row0, keys_first, keys_second, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_D: tl.constexpr, KEY_CHUNKS: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """dot_tile against keys held by resident_keys: only the rows stream, one bulk copy a chunk, so a
-    loop over row blocks is the one the compiler pipelines (it prefetches the next block's rows)."""
+def dot_resident(stream_desc, start, held_first, held_second, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_D: tl.constexpr, CHUNKS: tl.constexpr, HELD: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """dot_tile (rows × keys, float32) against a tile held by resident_tile: HELD "keys" (the rows at
+    start stream through stream_desc) or "rows" (the keys at start stream). Only one side streams, one
+    bulk copy a chunk, so the loop over the streamed side is the one the compiler pipelines (it prefetches
+    the next tile)."""
     acc = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
-    acc = matmul(q_desc.load([tl.cast(row0, tl.int32), 0]), tl.trans(keys_first), acc, DOT_PRECISION)
-    if KEY_CHUNKS == 2:
-        acc = matmul(q_desc.load([tl.cast(row0, tl.int32), BLOCK_D]), tl.trans(keys_second), acc, DOT_PRECISION)
+    for chunk in tl.static_range(CHUNKS):
+        held = held_first if chunk == 0 else held_second
+        streamed = stream_desc.load([tl.cast(start, tl.int32), chunk * BLOCK_D])
+        if HELD == "keys":
+            acc = matmul(streamed, tl.trans(held), acc, DOT_PRECISION)
+        else:
+            acc = matmul(held, tl.trans(streamed), acc, DOT_PRECISION)
     return acc
 
 

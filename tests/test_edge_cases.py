@@ -309,18 +309,21 @@ def test_sm90_presets_under_the_interpreter(dtype, D, sort, monkeypatch):
     check_against_reference(cl.pairwise_circle_loss, (emb, labels % 5), "triton", dtype=dtype)
 
 
-@pytest.mark.parametrize("D", [72, 264, 130, 600])  # tensor descriptors in one chunk, in two (the second
-# partly past D); streamed after all: pointers (rows of 260 bytes), three chunks
-def test_resident_keys_under_the_interpreter(D, monkeypatch):
-    """grad_similarity with RESIDENT_KEYS (the key tile loaded once, held for the program's whole walk
-    over the rows, only the rows streamed) on 64 × 128 × 256 tiles: the same gradients as the reference
-    for class-level keys with either derivative and pair-wise labels sorted by label (negatives-only and
-    mixed tiles, both resident), in bf16."""
+@pytest.mark.parametrize("D", [72, 200, 264, 130, 600])  # tensor descriptors, D in one or two chunks of
+# each preset's BLOCK_D (the second partly past D); streamed after all: pointers (rows of 260 bytes), more
+# than two chunks
+def test_resident_tiles_under_the_interpreter(D, monkeypatch):
+    """The H100 presets with the tile held for a program's whole walk (grad_similarity's keys,
+    RESIDENT_KEYS; the forward's rows, RESIDENT_ROWS), only the other side streamed: the same loss and
+    gradients as the reference for class-level keys with either derivative and pair-wise labels sorted
+    by label (negatives-only and mixed tiles), in bf16."""
     from circleloss_ext.kernels import label_order, presets
     table = dict(presets.PRESETS[("sm90", "16")])
-    for name in ("grad_similarity", "grad_similarity_full", "grad_similarity_pairwise",
-                 "grad_similarity_pairwise_full"):
-        table[name] = presets.LaunchConfig({**table[name].blocks, "RESIDENT_KEYS": True}, table[name].num_warps,
+    held = {"forward": "RESIDENT_ROWS", "forward_pairwise": "RESIDENT_ROWS", "grad_similarity": "RESIDENT_KEYS",
+            "grad_similarity_full": "RESIDENT_KEYS", "grad_similarity_pairwise": "RESIDENT_KEYS",
+            "grad_similarity_pairwise_full": "RESIDENT_KEYS"}
+    for name, flag in held.items():
+        table[name] = presets.LaunchConfig({**table[name].blocks, flag: True}, table[name].num_warps,
                                            table[name].num_stages)
     monkeypatch.setattr(presets, "_INTERPRETER", table)
     monkeypatch.setattr(label_order, "SORT_MIN_ROWS", 0)
