@@ -33,14 +33,14 @@ export PYTHONPATH="$repo"
 
 status=0
 echo "== GPU test tier" | tee "$out/tests.txt"
-timeout 240 python3 -m pytest -q -rP -p no:cacheprovider "$repo/tests/test_gpu.py" 2>&1 | tee -a "$out/tests.txt"
+timeout 270 python3 -m pytest -q -rP -p no:cacheprovider "$repo/tests/test_gpu.py" 2>&1 | tee -a "$out/tests.txt"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
 echo "== benchmark: cases A, B, C" | tee "$out/benchmark.txt"
-timeout 120 python3 -m benchmarks.run --gpu-check --out "$out" 2>&1 | tee -a "$out/benchmark.txt"
+timeout 100 python3 -m benchmarks.run --gpu-check --out "$out" 2>&1 | tee -a "$out/benchmark.txt"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
 echo "== time per kernel" | tee "$out/kernels.txt"
-timeout 60 python3 -m benchmarks.kernel_times 2>&1 | tee -a "$out/kernels.txt"
+timeout 50 python3 -m benchmarks.kernel_times 2>&1 | tee -a "$out/kernels.txt"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 exit $status
