@@ -18,9 +18,9 @@ last partial tile runs in a launch of its own (EDGE), the only one that masks ke
 RESIDENT_KEYS (a preset's choice, with TMA and D in at most two BLOCK_D chunks) the program loads its key
 tile once and keeps it for the whole walk: only the rows stream, and the row loop is the one the
 compiler pipelines (otherwise the D loop inside each tile is, which at D = 128 has one step).
-A pair-wise problem sorted by label (label_order.py) runs two launches: TILES "negative" takes the row
-blocks whose mixed range misses the program's key tile (the negatives-only epilogue, no labels, no masks
-but EDGE's), "mixed" the others.
+A pair-wise problem sorted by label (label_order.py) runs two launches: "mixed" takes the run of row
+blocks whose mixed ranges may meet the program's key tile (label_order.mixed_row_ranges), TILES
+"negative" the row blocks around it (the negatives-only epilogue, no labels, no masks but EDGE's).
 Every element of H has one writer: no atomics, the same bits on every run.
 With LABEL_SMOOTHING, G_ij = g_i·(σ_i·weight − c)·slope: the smoothed target moves c = c_p = ε(1 − 1/C)
 from the positive and c = c_n = ε/C onto every negative.
