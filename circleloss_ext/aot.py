@@ -1,6 +1,6 @@
 """Compile every kernel launch ahead of time for CUDA archs and report registers, spills and shared memory.
 
-    python -m circleloss_ext.aot --arch 80 --arch 90 [--dtype bf16] [--json FILE] [--sass DIR]
+    python -m circleloss_ext.aot --arch 80 --arch 90 [--dtype bf16] [--json FILE] [--sass DIR] [--d 128]
 
 Needs no GPU: each launch listed in kernels/aot_specs.py is compiled with its preset from
 kernels/presets.py through triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32)).
@@ -19,7 +19,8 @@ line counts the sm_90 16-bit rows with matrix products that keep the budget (iss
 no synchronous wait in a loop, no spill) and names the others.
 
 Instruction counts, read from the SASS (`cuobjdump -sass`; `--sass DIR` keeps each kernel's), at
-D = 512 (the face-training width; ANALYSIS_D):
+D = 512 (the face-training width; ANALYSIS_D), or at the width `--d` names, with each launch configured
+as the launchers configure it for that D (BLOCK_D narrowed, grad_keys' key tile widened):
   mma_flops_per_tile  the tensor-core work of one tile (one iteration of the kernel's outermost loop:
                 a BLOCK_B × BLOCK_N tile of S with its epilogue in forward and grad_similarity, one
                 step of the plain products: BLOCK_B × BLOCK_N × BLOCK_D in grad_queries, the same into
@@ -111,9 +112,9 @@ def _loops(code: list) -> list:
     return loops
 
 
-def tile_counts(sass: str, warps: int, block_d: int) -> dict:
-    """{"instructions", "mma_flops", "sync_waits"} of one iteration of the outermost loop at D = ANALYSIS_D
-    (inner loops counted ceil(D / BLOCK_D) times); zeros when the kernel has no loop."""
+def tile_counts(sass: str, warps: int, block_d: int, d: int = ANALYSIS_D) -> dict:
+    """{"instructions", "mma_flops", "sync_waits"} of one iteration of the outermost loop at D = d
+    (inner loops counted ceil(d / BLOCK_D) times); zeros when the kernel has no loop."""
     code = [(int(address, 16), text.strip()) for address, text in _SASS_LINE.findall(sass)]
     loops = _loops(code)
     if not loops:
@@ -121,7 +122,7 @@ def tile_counts(sass: str, warps: int, block_d: int) -> dict:
     outer = max(loops, key=lambda loop: loop[1] - loop[0])
     inner = [loop for loop in loops if loop != outer and outer[0] <= loop[0] and loop[1] <= outer[1]]
     inner = [loop for loop in inner if not any(o != loop and o[0] <= loop[0] and loop[1] <= o[1] for o in inner)]
-    trips = -(-ANALYSIS_D // block_d)
+    trips = -(-d // block_d)
     counts = {"instructions": 0, "mma_flops": 0, "sync_waits": 0}
     for address, text in code:
         if not outer[0] <= address <= outer[1]:
@@ -134,17 +135,18 @@ def tile_counts(sass: str, warps: int, block_d: int) -> dict:
     return counts
 
 
-def compile_launch(launch, arch: int, sass_dir: str = None) -> dict:
-    """Compile one launch for sm_<arch> with its preset; returns its row of the report."""
+def compile_launch(launch, arch: int, sass_dir: str = None, d: int = ANALYSIS_D) -> dict:
+    """Compile one launch for sm_<arch> with its preset, as launched for rows of d; returns its row of
+    the report."""
     family = arch_family(arch // 10, AOT_SHARED_BYTES[arch])
-    config = PRESETS[(family, operand_width(launch.dtype))][launch.kernel]
-    signature, constexprs, attrs = launch.compile_args(config, tma=family == "sm90")
+    config = launch.launch_config(PRESETS[(family, operand_width(launch.dtype))][launch.kernel], d)
+    signature, constexprs, attrs = launch.compile_args(config, tma=family == "sm90", d=d)
     compiled = triton.compile(ASTSource(launch.fn, signature, constexprs, attrs),
                               target=GPUTarget("cuda", arch, 32),
                               options={"num_warps": config.num_warps, "num_stages": config.num_stages})
     usage = resource_usage(compiled.asm["cubin"])
     sass = _cuobjdump(compiled.asm["cubin"], "-sass")
-    counts = tile_counts(sass, config.num_warps, config.blocks.get("BLOCK_D", ANALYSIS_D))
+    counts = tile_counts(sass, config.num_warps, config.blocks.get("BLOCK_D", d), d)
     mma_cycles = counts["mma_flops"] / _TENSOR_FLOPS_PER_CYCLE[operand_width(launch.dtype)]
     row = {"kernel": launch.fn.__name__, "variant": launch.variant, "arch": arch, "config": config.label(),
            "registers": usage["REG"], "spill_bytes": usage["STACK"] + usage["LOCAL"],
@@ -204,6 +206,9 @@ def main(argv=None) -> int:
                         help="only launches with this operand dtype; repeatable (default: all)")
     parser.add_argument("--json", metavar="FILE", help="also write the rows to FILE as a JSON list")
     parser.add_argument("--sass", metavar="DIR", help="write each kernel's SASS into DIR (named in the rows)")
+    parser.add_argument("--d", type=int, default=ANALYSIS_D, choices=(64, 128, 256, 512),
+                        help=f"the rows' width the launches are configured and counted for (default {ANALYSIS_D}, "
+                             "the width of the issue budget)")
     args = parser.parse_args(argv)
     if interpreting():
         parser.error("TRITON_INTERPRET is set, so the kernels are interpreted rather than compiled: unset it")
@@ -216,7 +221,7 @@ def main(argv=None) -> int:
     for arch in args.arch or [80, 90]:
         for launch in launches(dtypes):
             try:
-                row = compile_launch(launch, arch, args.sass)
+                row = compile_launch(launch, arch, args.sass, args.d)
             except Exception as error:  # report every failure, then go on with the other launches
                 failed += 1
                 print(f"FAILED {launch.fn.__name__} sm_{arch} {launch.variant}: {_reasons(error)}",
@@ -227,7 +232,8 @@ def main(argv=None) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)
-    print(budget_summary(rows))
+    print(budget_summary(rows) + ("" if args.d == ANALYSIS_D else
+                                  f" (at D = {args.d}; the budget is set at D = {ANALYSIS_D})"))
     if failed:
         print(f"{failed} of {failed + len(rows)} compiles failed", file=sys.stderr)
     return 1 if failed else 0

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from .forward import circle_forward_kernel
-from .grad_keys import circle_grad_keys_kernel, key_dim_groups
+from .grad_keys import circle_grad_keys_kernel, key_dim_groups, key_tile
 from .grad_queries import circle_grad_queries_kernel
 from .grad_similarity import (circle_grad_similarity_kernel, circle_positive_gradient_kernel,
                               circle_row_entries_kernel)
@@ -65,22 +65,34 @@ class Launch:
     types: dict
     constexprs: dict
 
-    def compile_args(self, config: LaunchConfig, tma: bool) -> tuple[dict, dict, dict]:
-        """(signature, constexprs, attrs) for triton.compiler.ASTSource, with config's block sizes; tma:
-        tile kernels read their operands through tensor descriptors (tile.operand_loads: sm_90)."""
+    def launch_config(self, preset: LaunchConfig, d: int = ANALYSIS_D) -> LaunchConfig:
+        """The configuration the launchers derive from `preset` for rows of d: BLOCK_D narrowed to what d
+        needs (presets.tile_config), grad_keys' key tile widened where d fits one accumulator
+        (grad_keys.key_tile); the preset itself at d = ANALYSIS_D."""
+        if self.fn is circle_grad_keys_kernel:
+            return key_tile(preset, d)
+        depth = max(16, 1 << (d - 1).bit_length())
+        if preset.blocks.get("BLOCK_D", 0) <= depth:
+            return preset
+        return LaunchConfig({**preset.blocks, "BLOCK_D": depth}, preset.num_warps, preset.num_stages)
+
+    def compile_args(self, config: LaunchConfig, tma: bool, d: int = ANALYSIS_D) -> tuple[dict, dict, dict]:
+        """(signature, constexprs, attrs) for triton.compiler.ASTSource, with config's block sizes, for
+        rows of d (a power of two from 64); tma: tile kernels read their operands through tensor
+        descriptors (tile.operand_loads: sm_90)."""
         names = self.fn.arg_names
         constexprs = {**self.constexprs, **config.blocks}
         signature = {name: self.types.get(name, "constexpr") for name in names}
-        if "HALVES" in names:  # grad_keys' accumulators at D = ANALYSIS_D, as circle_backward launches them
-            halves, groups = key_dim_groups(ANALYSIS_D, config.blocks["BLOCK_D"])
+        if "HALVES" in names:  # grad_keys' accumulators at D = d, as circle_backward launches them
+            halves, groups = key_dim_groups(d, config.blocks["BLOCK_D"])
             constexprs.update(HALVES=halves, FINISH=groups == 1)
-        if "D_CHUNKS" in names:  # the tile kernels: how many BLOCK_D chunks D = ANALYSIS_D takes (at most 3)
-            constexprs["D_CHUNKS"] = min(-(-ANALYSIS_D // config.blocks["BLOCK_D"]), 3)
+        if "D_CHUNKS" in names:  # the tile kernels: how many BLOCK_D chunks D = d takes (at most 3)
+            constexprs["D_CHUNKS"] = min(-(-d // config.blocks["BLOCK_D"]), 3)
             for held in {"RESIDENT_KEYS", "RESIDENT_ROWS"} & set(names):  # the presets' option, off by default
                 constexprs[held] = config.blocks.get(held, False)
         if "TMA" in names:
             constexprs["TMA"] = tma
-            constexprs["EVEN_D"] = not tma  # pointers: D = 512 is a multiple of every BLOCK_D
+            constexprs["EVEN_D"] = not tma  # pointers: d is a multiple of every BLOCK_D it is given
             blocks = {"q_desc": ("BLOCK_B", "BLOCK_D"), "k_desc": ("BLOCK_N", "BLOCK_D"),
                       "h_desc": ("BLOCK_B", "BLOCK_N")}
             for name in set(blocks) & set(names):

@@ -148,3 +148,20 @@ def test_tensor_core_work_read_from_the_sass(report):
         else:
             assert row["mma_flops_per_tile"] == flops, row
         assert 0 < row["issue_to_mma"] < 20, row
+
+
+def test_launches_read_at_a_narrower_d():
+    """`--d 128`: each launch is compiled as the launchers configure it for rows of 128 (here grad_keys,
+    whose key tile widens to 128 keys in one 128-wide accumulator) and its products counted at that D."""
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    code = ("import json, torch; from circleloss_ext.aot import compile_launch; "
+            "from circleloss_ext.kernels.aot_specs import launches; "
+            "print(json.dumps([compile_launch(l, 90, d=128) for l in launches([torch.bfloat16]) "
+            "if l.kernel == 'grad_keys']))")
+    run = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode == 0, run.stdout + run.stderr
+    (row,) = json.loads(run.stdout.strip().splitlines()[-1])
+    assert row["config"].startswith("B=64 N=128 D=128"), row
+    assert row["mma_flops_per_tile"] == 2 * 64 * 128 * 128 and row["spill_bytes"] == 0, row
+    assert row["issue_to_mma"] <= 0.6, row
