@@ -37,20 +37,35 @@ CANDIDATES = {  # (BLOCK_B, BLOCK_N, BLOCK_D, warps, stages[, constexprs])
 }
 # (grad_similarity_full, class-level with the true derivative, runs in none of the cases, which detach α)
 CASES = {"A": GPU_CASE_A, "C": GPU_CASE_C}
+# Loss and gradients of a candidate against the preset's, relative to the largest entry: tile shapes
+# change only the order of float32 sums and where bf16 roundings fall (H), far below this.
+DISAGREEMENT = 2e-2
 
 
-def _step_times(case) -> tuple[float, float]:
+def _step_times(case) -> tuple[float, float, list]:
+    """(forward ms, backward ms, [loss, gradients]) of one fused step on the case's inputs (seeded: the
+    same for every candidate)."""
     inputs = make_inputs(case, "cuda")
     if case.label_form == "batch":
         args = [inputs["embeddings"], inputs["labels"]]
     else:
         args = [inputs[name] for name in ("embeddings", "keys", "labels", "key_labels") if name in inputs]
     loss_fn = LOSSES[case.label_form]
+    leaves = [inputs["embeddings"]] + ([inputs["keys"]] if "keys" in inputs else [])
     forward_ms = triton.testing.do_bench(lambda: loss_fn(*args, backend="triton"), warmup=2, rep=20)
     loss = loss_fn(*args, backend="triton")
     backward_ms = triton.testing.do_bench(lambda: loss.backward(retain_graph=True), warmup=2, rep=20,
-                                          grad_to_none=[inputs["embeddings"]] + ([inputs["keys"]] if "keys" in inputs else []))
-    return forward_ms, backward_ms
+                                          grad_to_none=leaves)
+    for leaf in leaves:
+        leaf.grad = None
+    loss.backward()
+    return forward_ms, backward_ms, [loss.detach().float()] + [leaf.grad.float() for leaf in leaves]
+
+
+def _disagreement(result, baseline) -> float:
+    """The largest difference from the preset's own result, relative to each tensor's largest entry: a
+    candidate that computes something else (a miscompiled variant) is flagged, not timed as a winner."""
+    return max(((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item() for a, b in zip(result, baseline))
 
 
 def main(argv=None) -> None:
@@ -62,16 +77,19 @@ def main(argv=None) -> None:
     print(torch.cuda.get_device_name(), flush=True)
     for name in args.cases:
         case = CASES[name]
+        *_, baseline = _step_times(case)
         for kernel in args.kernels:
             candidates, current = CANDIDATES[kernel], table[kernel]
             for blocks in candidates:
                 table[kernel] = presets._tiles(*blocks[:5], **(blocks[5] if len(blocks) > 5 else {}))
                 try:
-                    forward_ms, backward_ms = _step_times(case)
+                    forward_ms, backward_ms, result = _step_times(case)
                     timing = f"forward {forward_ms:7.2f} ms  backward {backward_ms:7.2f} ms"
+                    if _disagreement(result, baseline) > DISAGREEMENT:
+                        timing += f"  DIFFERS from the preset's result by {_disagreement(result, baseline):.1e}"
                 except Exception as error:  # a candidate that does not fit is reported, not fatal
                     timing = f"FAILED {type(error).__name__}: {str(error)[:80]}"
-                print(f"case {name} {kernel:16s} {table[kernel].label():28s} {timing}", flush=True)
+                print(f"case {name} {kernel:16s} {table[kernel].label():44s} {timing}", flush=True)
             table[kernel] = current
 
 
