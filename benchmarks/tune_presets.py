@@ -85,8 +85,9 @@ def main(argv=None) -> None:
                 try:
                     forward_ms, backward_ms, result = _step_times(case)
                     timing = f"forward {forward_ms:7.2f} ms  backward {backward_ms:7.2f} ms"
-                    if _disagreement(result, baseline) > DISAGREEMENT:
-                        timing += f"  DIFFERS from the preset's result by {_disagreement(result, baseline):.1e}"
+                    disagreement = _disagreement(result, baseline)
+                    if disagreement > DISAGREEMENT:
+                        timing += f"  DIFFERS from the preset's result by {disagreement:.1e}"
                 except Exception as error:  # a candidate that does not fit is reported, not fatal
                     timing = f"FAILED {type(error).__name__}: {str(error)[:80]}"
                 print(f"case {name} {kernel:16s} {table[kernel].label():44s} {timing}", flush=True)

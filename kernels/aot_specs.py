@@ -22,7 +22,7 @@ from .grad_keys import circle_grad_keys_kernel, key_dim_groups, key_tile
 from .grad_queries import circle_grad_queries_kernel
 from .grad_similarity import (circle_grad_similarity_kernel, circle_positive_gradient_kernel,
                               circle_row_entries_kernel)
-from .presets import LaunchConfig, dot_precision
+from .presets import LaunchConfig, d_chunks, dot_precision, narrowed
 from .row_norm import inv_norm_kernel
 
 ANALYSIS_D = 512  # the face-training width the offline figures are read at (circleloss_ext.aot)
@@ -54,6 +54,8 @@ _BACKWARD_FORMS = {  # form: (constexprs, preset, with "_full" for the true deri
     "pair-wise": ({"CLASS_LEVEL": False}, "grad_similarity_pairwise"),
     "pair-wise negative tiles": ({"CLASS_LEVEL": False, "TILES": "negative"}, "grad_similarity"),
 }
+
+
 @dataclass(frozen=True)
 class Launch:
     """One specialisation of a kernel: `kernel` names its preset, `types` its runtime arguments'
@@ -69,12 +71,7 @@ class Launch:
         """The configuration the launchers derive from `preset` for rows of d: BLOCK_D narrowed to what d
         needs (presets.tile_config), grad_keys' key tile widened where d fits one accumulator
         (grad_keys.key_tile); the preset itself at d = ANALYSIS_D."""
-        if self.fn is circle_grad_keys_kernel:
-            return key_tile(preset, d)
-        depth = max(16, 1 << (d - 1).bit_length())
-        if preset.blocks.get("BLOCK_D", 0) <= depth:
-            return preset
-        return LaunchConfig({**preset.blocks, "BLOCK_D": depth}, preset.num_warps, preset.num_stages)
+        return key_tile(preset, d) if self.fn is circle_grad_keys_kernel else narrowed(preset, d)
 
     def compile_args(self, config: LaunchConfig, tma: bool, d: int = ANALYSIS_D) -> tuple[dict, dict, dict]:
         """(signature, constexprs, attrs) for triton.compiler.ASTSource, with config's block sizes, for
@@ -87,7 +84,7 @@ class Launch:
             halves, groups = key_dim_groups(d, config.blocks["BLOCK_D"])
             constexprs.update(HALVES=halves, FINISH=groups == 1)
         if "D_CHUNKS" in names:  # the tile kernels: how many BLOCK_D chunks D = d takes (at most 3)
-            constexprs["D_CHUNKS"] = min(-(-d // config.blocks["BLOCK_D"]), 3)
+            constexprs["D_CHUNKS"] = d_chunks(d, config)
             for held in {"RESIDENT_KEYS", "RESIDENT_ROWS"} & set(names):  # the presets' option, off by default
                 constexprs[held] = config.blocks.get(held, False)
         if "TMA" in names:

@@ -23,7 +23,7 @@ from .grad_queries import circle_grad_queries_kernel
 from .grad_similarity import (circle_grad_similarity_kernel, circle_positive_gradient_kernel,
                               circle_row_entries_kernel)
 from .label_order import label_order, mixed_group, tile_launches
-from .presets import dot_precision, preset, splits_to_fill, tile_config
+from .presets import d_chunks, dot_precision, preset, splits_to_fill, tile_config
 from .tile import edge_ranges, operand_loads, problem_arguments, workspace_descriptor
 
 DEFAULT_WORKSPACE_BYTES = 1 << 30
@@ -150,8 +150,7 @@ def circle_backward(grad_rows, queries, keys, query_labels, key_labels, inv_norm
                     h_stride=chunk,
                     local_begin=local_begin, rows_per_split=rows_per_split, smooth_pos=smooth_pos,
                     smooth_neg=smooth_neg, DETACH_ALPHA=detach_alpha, LABEL_SMOOTHING=smoothing, EDGE=edge,
-                    TILES=tiles, D_CHUNKS=min(triton.cdiv(D, cfg.blocks["BLOCK_D"]), 3), **loads[tiles],
-                    **cfg.kwargs())
+                    TILES=tiles, D_CHUNKS=d_chunks(D, cfg), **loads[tiles], **cfg.kwargs())
         if key_labels is None or problem["EXCLUDE_KEY"]:  # the entries written over the tiles
             circle_row_entries_kernel[(triton.cdiv(B, entries_cfg.blocks["BLOCK_B"]),)](
                 h_ptr=h, q_label_ptr=problem["q_label_ptr"], excluded_key_ptr=problem["excluded_key_ptr"],

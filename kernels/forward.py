@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 from .label_order import label_order, tile_launches
-from .presets import splits_to_fill, tile_config
+from .presets import d_chunks, splits_to_fill, tile_config
 from .tile import (LN_2, LOG2_E, circle_epilogue, column_labels, dot_resident, dot_tile, edge_ranges, excluded_pairs,
                    gathered_positive, keys_in_bounds, operand_loads, positive_pairs, problem_arguments, query_norms,
                    resident_tile, row_excluded_keys, row_labels, walk_at, walk_span)
@@ -176,8 +176,8 @@ def circle_forward(queries, keys, query_labels, key_labels, inv_norm_q, inv_norm
             **problem, lse_pos_ptr=partial_pos[outputs], lse_neg_ptr=partial_neg[outputs], top_ptr=top[outputs],
             negative_sum_ptr=partial_sum[outputs], mixed_ptr=mixed, key_begin=key_begin, key_end=key_end,
             keys_per_split=keys_per_split, TRACK_TOP1=track_top1, NEGATIVE_SUM=negative_sum, EDGE=edge, TILES=tiles,
-            KIND=kind, D_CHUNKS=min(triton.cdiv(queries.shape[1], cfg.blocks["BLOCK_D"]), 3),
-            **operand_loads(queries, keys, cfg), **cfg.kwargs())
+            KIND=kind, D_CHUNKS=d_chunks(queries.shape[1], cfg), **operand_loads(queries, keys, cfg),
+            **cfg.kwargs())
         first += launch_splits
     lse_pos, lse_neg = torch.logsumexp(partial_pos, dim=0), torch.logsumexp(partial_neg, dim=0)
     top = top.amax(dim=0) if track_top1 else top.new_empty(0)

@@ -17,7 +17,7 @@ finish.
 import triton
 import triton.language as tl
 
-from .presets import LaunchConfig
+from .presets import LaunchConfig, narrowed
 from .tile import matmul
 
 
@@ -87,7 +87,7 @@ def key_tile(config: LaunchConfig, D: int) -> LaunchConfig:
     block_n, block_d = blocks["BLOCK_N"], blocks["BLOCK_D"]
     if D > block_d:  # two halves, or groups of them
         return config
-    depth = max(16, triton.next_power_of_2(D))
+    depth = narrowed(config, D).blocks["BLOCK_D"]
     # registers: the epilogue holds the accumulator and one accumulator's width of the keys (3 · BLOCK_N ·
     # BLOCK_D values at the preset's D); shared memory: a stage of operands
     widen = max(w for w in (1, 2, 4) if 2 * w * depth <= 3 * block_d and block_n * w + depth <= block_n + 2 * block_d)

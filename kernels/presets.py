@@ -162,14 +162,24 @@ def preset(kernel: str, x: torch.Tensor) -> LaunchConfig:
     return _INTERPRETER[kernel] if interpreting() else PRESETS[(_family(x), operand_width(x.dtype))][kernel]
 
 
-def tile_config(kernel: str, x: torch.Tensor) -> LaunchConfig:
-    """The preset of `kernel` for operands like x (rows of D = x.shape[1]), its BLOCK_D no wider than D
-    needs (the next power of two, at least 16): a D = 128 problem does not pay for 256-wide chunks of zeros."""
-    config = preset(kernel, x)
-    depth = max(16, triton.next_power_of_2(x.shape[1]))
+def narrowed(config: LaunchConfig, D: int) -> LaunchConfig:
+    """config with its BLOCK_D no wider than rows of D need (the next power of two, at least 16): a
+    D = 128 problem does not pay for 256-wide chunks of zeros."""
+    depth = max(16, triton.next_power_of_2(D))
     if config.blocks.get("BLOCK_D", 0) <= depth:
         return config
     return LaunchConfig({**config.blocks, "BLOCK_D": depth}, config.num_warps, config.num_stages)
+
+
+def tile_config(kernel: str, x: torch.Tensor) -> LaunchConfig:
+    """The preset of `kernel` for operands like x (rows of D = x.shape[1]), narrowed to D."""
+    return narrowed(preset(kernel, x), x.shape[1])
+
+
+def d_chunks(D: int, config: LaunchConfig) -> int:
+    """The tile kernels' D_CHUNKS: how many BLOCK_D chunks rows of D take, counted up to 3 (a tile is
+    held whole, RESIDENT_KEYS / RESIDENT_ROWS, only in one or two)."""
+    return min(triton.cdiv(D, config.blocks["BLOCK_D"]), 3)
 
 
 def _family(x: torch.Tensor) -> str:

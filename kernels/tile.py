@@ -67,7 +67,6 @@ def dot_tile(q_ptr, k_ptr, q_desc, k_desc, row0, key0, B, N, D, stride_qb, strid
     return acc
 
 
-
 @triton.jit
 def resident_tile(desc, start, BLOCK_D: tl.constexpr, CHUNKS: tl.constexpr):
     """A tile of rows (or keys) start + [0, BLOCK) whole, for a program that keeps it for its whole walk
@@ -122,6 +121,7 @@ def walk_at(first, step, skip_at, skip):
     stays one the compiler can pipeline."""
     position = first + step
     return tl.where(position >= skip_at, position + skip, position)
+
 
 @triton.jit
 def circle_epilogue(t, is_pos, norm_q, inv_norm_q, margin, logit_scale, offset_pos, offset_neg, slope_scale,
