@@ -20,8 +20,8 @@ import torch
 from .forward import circle_forward_kernel
 from .grad_keys import circle_grad_keys_kernel, key_dim_groups, key_tile
 from .grad_queries import circle_grad_queries_kernel
-from .grad_similarity import (circle_grad_similarity_kernel, circle_positive_gradient_kernel,
-                              circle_row_entries_kernel)
+from .grad_similarity import (circle_grad_similarity_kernel, circle_row_entries_kernel, circle_row_terms_kernel,
+                              row_table_width)
 from .presets import LaunchConfig, d_chunks, dot_precision, narrowed
 from .row_norm import inv_norm_kernel
 
@@ -144,12 +144,14 @@ def launches(dtypes=tuple(OPERAND_TYPES)) -> list[Launch]:
                 result.append(_launch(preset + ("" if detach else "_full"), circle_grad_similarity_kernel, dtype,
                                       f"{form} {'detach' if detach else 'full'}-alpha",
                                       {**_label_types(circle, flags), "h_ptr": x}, DETACH_ALPHA=detach,
-                                      LABEL_SMOOTHING=False, EDGE=False, DOT_PRECISION=precision,
+                                      LABEL_SMOOTHING=False, TABLE_STRIDE=row_table_width(False), EDGE=False,
+                                      DOT_PRECISION=precision,
                                       **{"TILES": "all", **flags}))
-        for detach in (True, False):
-            result.append(_launch("positive_gradient", circle_positive_gradient_kernel, dtype,
-                                  f"class-level {'detach' if detach else 'full'}-alpha", circle,
-                                  DETACH_ALPHA=detach, LABEL_SMOOTHING=False))
+        for form, detach in (("class-level", True), ("class-level", False), ("pair-wise", True)):
+            result.append(_launch("row_terms", circle_row_terms_kernel, dtype,
+                                  f"{form} {'detach' if detach else 'full'}-alpha", circle,
+                                  CLASS_LEVEL=form == "class-level", DETACH_ALPHA=detach, LABEL_SMOOTHING=False,
+                                  TABLE_STRIDE=row_table_width(False)))
         result.append(_launch("row_entries", circle_row_entries_kernel, dtype, "class-level",
                               {"h_ptr": x, "q_label_ptr": "i64"}, POSITIVE=True, EXCLUDED=False))
         result.append(_launch("row_entries", circle_row_entries_kernel, dtype, "pair-wise exclude-self",

@@ -1,7 +1,8 @@
 """Backward launcher: H = ∂L/∂S (norms folded in) one chunk of keys at a time, then two plain products.
 
-Class-level keys first get each row's positive (circle_positive_gradient_kernel, O(B·D)). Then, for
-each chunk of keys [k0, k0 + chunk):
+First a table of each row's terms of the formula (circle_row_terms_kernel: the log-sum-exps, σ_i and
+the norms folded into the constants the tiles' epilogue takes), which also gives class-level keys each
+row's positive (O(B·D)). Then, for each chunk of keys [k0, k0 + chunk):
   1. grad_similarity: recompute S, write H (B × chunk, the operands' dtype); class-level tiles write the
      negative formula everywhere, and circle_row_entries_kernel then writes each row's positive over it,
      and a zero at each row's excluded key (pair-wise);
@@ -20,8 +21,8 @@ import triton
 
 from .grad_keys import circle_grad_keys_kernel, key_dim_groups, key_tile
 from .grad_queries import circle_grad_queries_kernel
-from .grad_similarity import (circle_grad_similarity_kernel, circle_positive_gradient_kernel,
-                              circle_row_entries_kernel)
+from .grad_similarity import (circle_grad_similarity_kernel, circle_row_entries_kernel, circle_row_terms_kernel,
+                              row_table_width)
 from .label_order import label_order, mixed_group, tile_launches
 from .presets import d_chunks, dot_precision, preset, splits_to_fill, tile_config
 from .tile import edge_ranges, operand_loads, problem_arguments, workspace_descriptor
@@ -100,7 +101,8 @@ def circle_backward(grad_rows, queries, keys, query_labels, key_labels, inv_norm
     # mixed ranges for them
     kinds, mixed = tile_launches(order, problem, None, class_level, mixed_config, split_kinds=False, walk_rows=True)
     group = mixed_group(class_level, mixed_config) if order is not None else 1
-    tile_problem = {k: v for k, v in problem.items() if k not in ("excluded_key_ptr", "EXCLUDE_KEY")}
+    tile_problem = {k: v for k, v in problem.items()
+                    if k not in ("excluded_key_ptr", "EXCLUDE_KEY", "inv_norm_q_ptr", "margin", "gamma")}
     entries_cfg = tile_config("row_entries", queries)
     queries_cfg = tile_config("grad_queries", queries)
     keys_cfg = key_tile(preset("grad_keys", queries), D)
@@ -125,16 +127,19 @@ def circle_backward(grad_rows, queries, keys, query_labels, key_labels, inv_norm
     if need_queries:  # R's partial sums: as many splits as the widest chunk (the first) takes
         max_splits, _ = splits_to_fill(min(chunk, N), q_tiles, queries_cfg.blocks["BLOCK_N"], queries)
         partials = torch.empty(max_splits, B, D, device=device, dtype=torch.float32)
+    # the formula's row terms, ready-made for the tiles (and class-level keys' one positive a row: its
+    # H_{i,a_i}·‖k_{a_i}‖, written over the tiles per chunk)
+    table = torch.empty(B, row_table_width(smoothing), device=device, dtype=torch.float32)
     positive = torch.empty(B if key_labels is None else 0, device=device, dtype=torch.float32)
-    if key_labels is None:  # H_{i,a_i}·‖k_{a_i}‖ of each row's one positive, written over the tiles
-        positive_cfg = tile_config("positive_gradient", queries)
-        circle_positive_gradient_kernel[(triton.cdiv(B, positive_cfg.blocks["BLOCK_B"]),)](
-            q_ptr=queries, k_ptr=keys, q_label_ptr=problem["q_label_ptr"], inv_norm_q_ptr=inv_norm_q,
-            inv_norm_k_ptr=inv_norm_k, lse_pos_ptr=lse_pos, lse_neg_ptr=lse_neg, row_scale_ptr=row_scale,
-            grad_rows_ptr=grad_rows, grad_scale_ptr=grad_scale, out_ptr=positive, B=B, N=N, D=D,
-            stride_qb=queries.stride(0), stride_qd=queries.stride(1), stride_kn=keys.stride(0),
-            stride_kd=keys.stride(1), margin=margin, gamma=gamma, smooth_pos=smooth_pos, smooth_neg=smooth_neg,
-            DETACH_ALPHA=detach_alpha, LABEL_SMOOTHING=smoothing, **positive_cfg.kwargs())
+    terms_cfg = tile_config("row_terms", queries)
+    circle_row_terms_kernel[(triton.cdiv(B, terms_cfg.blocks["BLOCK_B"]),)](
+        q_ptr=queries, k_ptr=keys, q_label_ptr=problem["q_label_ptr"], inv_norm_q_ptr=inv_norm_q,
+        inv_norm_k_ptr=inv_norm_k, lse_pos_ptr=lse_pos, lse_neg_ptr=lse_neg, row_scale_ptr=row_scale,
+        grad_rows_ptr=grad_rows, grad_scale_ptr=grad_scale, table_ptr=table, positive_ptr=positive, B=B, N=N, D=D,
+        stride_qb=queries.stride(0), stride_qd=queries.stride(1), stride_kn=keys.stride(0),
+        stride_kd=keys.stride(1), margin=margin, gamma=gamma, smooth_pos=smooth_pos, smooth_neg=smooth_neg,
+        CLASS_LEVEL=key_labels is None, DETACH_ALPHA=detach_alpha, LABEL_SMOOTHING=smoothing,
+        TABLE_STRIDE=table.stride(0), **terms_cfg.kwargs())
     loads = {tiles: operand_loads(queries, keys, cfg) for tiles, cfg, *_ in launches}
     h_descs = {tiles: workspace_descriptor(h, cfg) if loads[tiles]["TMA"] else None for tiles, cfg, *_ in launches}
     for key_start in range(0, N, chunk):
@@ -144,13 +149,11 @@ def circle_backward(grad_rows, queries, keys, query_labels, key_labels, inv_norm
             block_n = cfg.blocks["BLOCK_N"]
             for local_begin, local_end, edge in edge_ranges(chunk_len, block_n):
                 circle_grad_similarity_kernel[(triton.cdiv(local_end - local_begin, block_n), row_splits)](
-                    **tile_problem, lse_pos_ptr=lse_pos, lse_neg_ptr=lse_neg, row_scale_ptr=row_scale,
-                    grad_rows_ptr=grad_rows, grad_scale_ptr=grad_scale, h_ptr=h,
-                    h_desc=h_descs[tiles], mixed_ptr=mixed, mixed_group=group, key_start=key_start,
-                    h_stride=chunk,
-                    local_begin=local_begin, rows_per_split=rows_per_split, smooth_pos=smooth_pos,
-                    smooth_neg=smooth_neg, DETACH_ALPHA=detach_alpha, LABEL_SMOOTHING=smoothing, EDGE=edge,
-                    TILES=tiles, D_CHUNKS=d_chunks(D, cfg), **loads[tiles], **cfg.kwargs())
+                    **tile_problem, table_ptr=table, h_ptr=h, h_desc=h_descs[tiles], mixed_ptr=mixed,
+                    mixed_group=group, key_start=key_start, h_stride=chunk, local_begin=local_begin,
+                    rows_per_split=rows_per_split, DETACH_ALPHA=detach_alpha, LABEL_SMOOTHING=smoothing, EDGE=edge,
+                    TABLE_STRIDE=table.stride(0), TILES=tiles, D_CHUNKS=d_chunks(D, cfg), **loads[tiles],
+                    **cfg.kwargs())
         if key_labels is None or problem["EXCLUDE_KEY"]:  # the entries written over the tiles
             circle_row_entries_kernel[(triton.cdiv(B, entries_cfg.blocks["BLOCK_B"]),)](
                 h_ptr=h, q_label_ptr=problem["q_label_ptr"], excluded_key_ptr=problem["excluded_key_ptr"],

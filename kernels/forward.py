@@ -30,9 +30,9 @@ import triton.language as tl
 
 from .label_order import label_order, tile_launches
 from .presets import d_chunks, splits_to_fill, tile_config
-from .tile import (LN_2, LOG2_E, circle_epilogue, column_labels, dot_resident, dot_tile, edge_ranges, excluded_pairs,
-                   gathered_positive, keys_in_bounds, operand_loads, positive_pairs, problem_arguments, query_norms,
-                   resident_tile, row_excluded_keys, row_labels, walk_at, walk_span)
+from .tile import (LN_2, LOG2_E, circle_epilogue, circle_row_terms, column_labels, dot_resident, dot_tile, edge_ranges,
+                   excluded_pairs, gathered_positive, keys_in_bounds, operand_loads, positive_pairs, problem_arguments,
+                   query_norms, resident_tile, row_excluded_keys, row_labels, walk_at, walk_span)
 
 
 @triton.jit
@@ -58,12 +58,14 @@ def circle_forward_kernel(
     rows_start = tl.program_id(0).to(tl.int64) * BLOCK_B
     rows = rows_start + tl.arange(0, BLOCK_B)
     norm_q, inv_norm_q = query_norms(inv_norm_q_ptr, rows, B)
+    no_offset = tl.zeros((BLOCK_B,), tl.float32)
+    # the formula's row terms, once for the whole walk: logits in base 2 (γ·log2 e), no offsets, no slope
+    terms = circle_row_terms(norm_q, inv_norm_q, margin, gamma * LOG2_E, no_offset, no_offset, no_offset, True)
     positives: tl.constexpr = KIND == "positive"
     run_max = tl.full((BLOCK_B,), float("-inf"), tl.float32)
     run_sum = tl.zeros((BLOCK_B,), tl.float32)
     top = tl.full((BLOCK_B,), float("-inf"), tl.float32)
     negative_sum = tl.zeros((BLOCK_B,), tl.float32)
-    no_offset = tl.zeros((BLOCK_B,), tl.float32)
     key_start = key_begin + split.to(tl.int64) * keys_per_split
     key_stop = tl.minimum(key_start + keys_per_split, key_end)
     # this program's tiles: all of its keys, or (TILES) those outside or inside the row block's mixed
@@ -77,7 +79,6 @@ def circle_forward_kernel(
         q_label = row_labels(q_label_ptr, rows, B, CLASS_LEVEL)
     if EXCLUDE_KEY and labelled and not CLASS_LEVEL:
         excluded_key = row_excluded_keys(excluded_key_ptr, rows, B)
-    scale2 = gamma * LOG2_E  # logit units (γ) to base-2 logits
     # RESIDENT_ROWS (a preset's choice; with TMA and D in at most two chunks): the row block stays in
     # shared memory for the whole walk and only the keys stream
     resident: tl.constexpr = RESIDENT_ROWS and TMA and D_CHUNKS <= 2
@@ -106,8 +107,7 @@ def circle_forward_kernel(
             present = present & (is_pos if positives else ~is_pos)
             if EXCLUDE_KEY and not CLASS_LEVEL:
                 present = present & ~excluded_pairs(excluded_key, n0, BLOCK_N)
-        logit, _ = circle_epilogue(t, positives, norm_q, inv_norm_q, margin, scale2, no_offset, no_offset, no_offset,
-                                   True)
+        logit, _ = circle_epilogue(t, positives, *terms, True)
         logit = tl.where(present, logit, float("-inf"))
         if TRACK_TOP1:  # the largest t of a row is its largest s (1/‖q_i‖ > 0)
             top = tl.maximum(top, tl.max(tl.where(present, t, float("-inf")), axis=1) * inv_norm_q)
@@ -126,8 +126,7 @@ def circle_forward_kernel(
         if (split == 0) & (key_begin == 0):  # the first program of the first launch that holds positives
             t_pos, has_pos = gathered_positive(q_ptr, k_ptr, inv_norm_k_ptr, rows, q_label, B, N, D, stride_qb,
                                                stride_qd, stride_kn, stride_kd, BLOCK_B, BLOCK_D)
-            logit_pos, _ = circle_epilogue(t_pos[:, None], True, norm_q, inv_norm_q, margin, scale2, no_offset,
-                                           no_offset, no_offset, True)
+            logit_pos, _ = circle_epilogue(t_pos[:, None], True, *terms, True)
             lse_pos = tl.where(has_pos, tl.sum(logit_pos, axis=1), float("-inf"))
             top_pos = tl.where(has_pos, t_pos * inv_norm_q, float("-inf"))
     out = split.to(tl.int64) * B + rows

@@ -9,10 +9,12 @@ weight of the logit within its own log-sum-exp) · slope, and writes
 where c is a power of two that keeps fp16 workspaces in range (1 for bf16 and fp32). With H, the two
 matrix products of backward take raw operands: H · K = c·G · K̂ / ‖q_i‖ and Hᵀ · Q = c·Gᵀ · Q̂ / ‖k_j‖
 (grad_keys takes the normalisation's radial part from its own product, so nothing else is summed here).
-The tile is held in units of 1/‖q_i‖ (t = q_i · k̂_j; see tile.circle_epilogue). Class-level tiles
-apply the negative formula to every key, with no labels and no masks: each row's one positive (from
-circle_positive_gradient_kernel, one gathered dot a row) is written over them afterwards, one entry a
-row, and so is a zero at each row's excluded key (circle_row_entries_kernel): no tile masks them.
+The tile is held in units of 1/‖q_i‖ (t = q_i · k̂_j; see tile.circle_epilogue), and each row's terms
+of the formula (LP_i, LN_i, σ_i and the norms, folded) come ready-made from the row table that
+circle_row_terms_kernel writes once, before the chunks. Class-level tiles apply the negative formula to
+every key, with no labels and no masks: each row's one positive (from circle_row_terms_kernel, one
+gathered dot a row) is written over them afterwards, one entry a row, and so is a zero at each row's
+excluded key (circle_row_entries_kernel): no tile masks them.
 With TMA the operands come through tensor descriptors and H leaves through one (h_desc); the chunk's
 last partial tile runs in a launch of its own (EDGE), the only one that masks keys past N. With
 RESIDENT_KEYS (a preset's choice, with TMA and D in at most two BLOCK_D chunks) the program loads its key
@@ -28,67 +30,85 @@ from the positive and c = c_n = ε/C onto every negative.
 import triton
 import triton.language as tl
 
-from .tile import (LOG2_E, circle_epilogue, column_labels, dot_resident, dot_tile, gathered_positive,
-                   keys_in_bounds, positive_pairs, query_norms, resident_tile, row_labels, walk_at, walk_span)
+from .tile import (LOG2_E, circle_epilogue, circle_row_terms, column_labels, dot_resident, dot_tile,
+                   gathered_positive, keys_in_bounds, positive_pairs, query_norms, resident_tile, row_labels, walk_at,
+                   walk_span)
+
+
+# The row table (circle_row_terms_kernel writes it, the tiles read it): float32, one row per query row
+# (row_table_width(...) long, a power of two): circle_row_terms' seven, then with label smoothing σ_i, g_i·c_p
+# and g_i·c_n.
+ROW_FIELDS = tl.constexpr(7)
+SMOOTHING_FIELDS = tl.constexpr(3)
+
+
+def row_table_width(label_smoothing: bool) -> int:
+    """The row table's row length: its fields, rounded up to a power of two."""
+    return triton.next_power_of_2(ROW_FIELDS.value + (SMOOTHING_FIELDS.value if label_smoothing else 0))
 
 
 @triton.jit
-def _row_terms(inv_norm_q_ptr, lse_pos_ptr, lse_neg_ptr, row_scale_ptr, grad_rows_ptr, grad_scale_ptr, rows, B,
-               LABEL_SMOOTHING: tl.constexpr):
-    """The per-row terms of ∂L/∂S, as _gradient takes them: ‖q_i‖, 1/‖q_i‖, LP_i and LN_i in base 2,
-    c/‖q_i‖, σ_i and (with label smoothing) g_i. Rows past B get +inf log-sum-exps and σ_i = g_i = 0, so
-    their gradients are 0."""
-    row_ok = rows < B
-    norm_q, inv_norm_q = query_norms(inv_norm_q_ptr, rows, B)
-    lse_pos2 = tl.load(lse_pos_ptr + rows, mask=row_ok, other=float("inf")) * LOG2_E
-    lse_neg2 = tl.load(lse_neg_ptr + rows, mask=row_ok, other=float("inf")) * LOG2_E
-    row_factor = inv_norm_q * tl.load(grad_scale_ptr)
-    row_scale = tl.load(row_scale_ptr + rows, mask=row_ok, other=0.0)
-    if LABEL_SMOOTHING:
-        grad_row = tl.load(grad_rows_ptr + rows, mask=row_ok, other=0.0)
-    else:
-        grad_row = row_scale
-    return norm_q, inv_norm_q, lse_pos2, lse_neg2, row_factor, row_scale, grad_row
+def _load_row_terms(table_ptr, rows, B, TABLE_STRIDE: tl.constexpr, LABEL_SMOOTHING: tl.constexpr):
+    """Row i's fields of the table for rows = a block of row indices; rows past B read 0 (their logits
+    are then 0 and their slopes 0: finite, zero gradients, and never stored)."""
+    row = table_ptr + rows * TABLE_STRIDE
+    terms = ()
+    for field in tl.static_range(ROW_FIELDS + (SMOOTHING_FIELDS if LABEL_SMOOTHING else 0)):
+        terms = terms + (tl.load(row + field, mask=rows < B, other=0.0),)
+    return terms
 
 
 @triton.jit
-def _gradient(t, is_pos, norm_q, inv_norm_q, lse_pos2, lse_neg2, row_factor, row_scale, grad_row, margin, gamma,
-              smooth_pos, smooth_neg, DETACH_ALPHA: tl.constexpr, LABEL_SMOOTHING: tl.constexpr):
-    """H_ij·‖k_j‖ = c·G_ij/‖q_i‖ for a tile of t = q_i · k̂_j, with the row terms of _row_terms, where
-    G_ij = σ_i·w_ij·γ·slope_ij (w_ij the softmax weight of the logit within LP_i or LN_i), or with label
-    smoothing G_ij = (σ_i·w_ij - g_i·c_kind)·γ·slope_ij; the row factors ride on the slope."""
-    if LABEL_SMOOTHING:
-        slope_scale = row_factor * gamma
-    else:
-        slope_scale = row_scale * row_factor * gamma
-    logit, slope = circle_epilogue(t, is_pos, norm_q, inv_norm_q, margin, gamma * LOG2_E, lse_pos2, lse_neg2,
-                                   slope_scale, DETACH_ALPHA)
+def _gradient(t, is_pos, terms, LABEL_SMOOTHING: tl.constexpr, DETACH_ALPHA: tl.constexpr):
+    """H_ij·‖k_j‖ = c·G_ij/‖q_i‖ for a tile of t = q_i · k̂_j, with row i's fields of the table (terms),
+    where G_ij = σ_i·w_ij·γ·slope_ij (w_ij the softmax weight of the logit within LP_i or LN_i), or with
+    label smoothing G_ij = (σ_i·w_ij - g_i·c_kind)·γ·slope_ij; the row factors ride on the slope."""
+    logit, slope = circle_epilogue(t, is_pos, terms[0], terms[1], terms[2], terms[3], terms[4], terms[5], terms[6],
+                                   DETACH_ALPHA)
     weight = tl.exp2(logit)
     if LABEL_SMOOTHING:
-        smooth = grad_row[:, None] * tl.where(is_pos, smooth_pos, smooth_neg)
-        return (row_scale[:, None] * weight - smooth) * slope
+        smooth = tl.where(is_pos, terms[8][:, None], terms[9][:, None])
+        return (terms[7][:, None] * weight - smooth) * slope
     return weight * slope
 
 
 @triton.jit
-def circle_positive_gradient_kernel(
+def circle_row_terms_kernel(
     q_ptr, k_ptr, q_label_ptr, inv_norm_q_ptr, inv_norm_k_ptr, lse_pos_ptr, lse_neg_ptr, row_scale_ptr,
-    grad_rows_ptr, grad_scale_ptr, out_ptr,
+    grad_rows_ptr, grad_scale_ptr, table_ptr, positive_ptr,
     B, N, D, stride_qb, stride_qd, stride_kn, stride_kd, margin, gamma, smooth_pos, smooth_neg,
-    DETACH_ALPHA: tl.constexpr, LABEL_SMOOTHING: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
+    TABLE_STRIDE: tl.constexpr, CLASS_LEVEL: tl.constexpr, DETACH_ALPHA: tl.constexpr, LABEL_SMOOTHING: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """Class-level keys: each row's H_{i,a_i}·‖k_{a_i}‖ from one gathered dot product (its one positive,
-    its class), which circle_row_entries_kernel writes over the tiles' negative formula at (i, a_i)."""
+    """The row table of the backward (B rows of TABLE_STRIDE = row_table_width float32): circle_row_terms
+    of every row, with LP_i and LN_i in base 2 as the offsets and σ_i·c/‖q_i‖·γ as the slope's scale
+    (c/‖q_i‖·γ with label smoothing, whose σ_i, g_i·c_p and g_i·c_n follow). Class-level keys
+    (CLASS_LEVEL) also get each row's H_{i,a_i}·‖k_{a_i}‖ from one gathered dot product (its one
+    positive, its class), which circle_row_entries_kernel writes over the tiles' negative formula at
+    (i, a_i)."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
-    q_label = row_labels(q_label_ptr, rows, B, True)
-    t_pos, _ = gathered_positive(q_ptr, k_ptr, inv_norm_k_ptr, rows, q_label, B, N, D, stride_qb, stride_qd,
-                                 stride_kn, stride_kd, BLOCK_B, BLOCK_D)
-    norm_q, inv_norm_q, lse_pos2, lse_neg2, row_factor, row_scale, grad_row = _row_terms(
-        inv_norm_q_ptr, lse_pos_ptr, lse_neg_ptr, row_scale_ptr, grad_rows_ptr, grad_scale_ptr, rows, B,
-        LABEL_SMOOTHING)
-    g = _gradient(t_pos[:, None], True, norm_q, inv_norm_q, lse_pos2, lse_neg2, row_factor, row_scale, grad_row,
-                  margin, gamma, smooth_pos, smooth_neg, DETACH_ALPHA, LABEL_SMOOTHING)
-    tl.store(out_ptr + rows, tl.sum(g, axis=1), mask=rows < B)
+    row_ok = rows < B
+    norm_q, inv_norm_q = query_norms(inv_norm_q_ptr, rows, B)
+    lse_pos2 = tl.load(lse_pos_ptr + rows, mask=row_ok, other=0.0) * LOG2_E
+    lse_neg2 = tl.load(lse_neg_ptr + rows, mask=row_ok, other=0.0) * LOG2_E
+    row_scale = tl.load(row_scale_ptr + rows, mask=row_ok, other=0.0)
+    slope_scale = inv_norm_q * tl.load(grad_scale_ptr) * gamma
+    if not LABEL_SMOOTHING:
+        slope_scale = slope_scale * row_scale
+    terms = circle_row_terms(norm_q, inv_norm_q, margin, gamma * LOG2_E, lse_pos2, lse_neg2, slope_scale,
+                             DETACH_ALPHA)
+    if LABEL_SMOOTHING:
+        grad_row = tl.load(grad_rows_ptr + rows, mask=row_ok, other=0.0)
+        terms = terms + (row_scale, grad_row * smooth_pos, grad_row * smooth_neg)
+    row = table_ptr + rows * TABLE_STRIDE
+    for field in tl.static_range(len(terms)):
+        tl.store(row + field, terms[field], mask=row_ok)
+    if CLASS_LEVEL:
+        q_label = row_labels(q_label_ptr, rows, B, True)
+        t_pos, _ = gathered_positive(q_ptr, k_ptr, inv_norm_k_ptr, rows, q_label, B, N, D, stride_qb, stride_qd,
+                                     stride_kn, stride_kd, BLOCK_B, BLOCK_D)
+        g = _gradient(t_pos[:, None], True, terms, LABEL_SMOOTHING, DETACH_ALPHA)
+        tl.store(positive_ptr + rows, tl.sum(g, axis=1), mask=row_ok)
 
 
 @triton.jit
@@ -98,7 +118,7 @@ def circle_row_entries_kernel(
 ):
     """The entries of a chunk's H, one or two a row, that the tiles leave to it: POSITIVE (class-level
     keys, whose tiles write the negative formula everywhere) the row's positive, H_{i,a_i} = (its
-    per-row value from circle_positive_gradient_kernel) · (1/‖k_{a_i}‖); EXCLUDED 0 at the row's
+    per-row value from circle_row_terms_kernel) · (1/‖k_{a_i}‖); EXCLUDED 0 at the row's
     excluded key (pair-wise: i itself in-batch, its slot in a memory), written last. Each where it falls
     in the chunk [key_start, key_start + chunk_len); one thread a row: every entry has one writer."""
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
@@ -119,13 +139,11 @@ def circle_row_entries_kernel(
 
 @triton.jit
 def circle_grad_similarity_kernel(
-    q_ptr, k_ptr, q_desc, k_desc, q_label_ptr, k_label_ptr, inv_norm_q_ptr, inv_norm_k_ptr,
-    lse_pos_ptr, lse_neg_ptr, row_scale_ptr, grad_rows_ptr, grad_scale_ptr, h_ptr, h_desc, mixed_ptr,
-    B, N, D, stride_qb, stride_qd, stride_kn, stride_kd, key_start, h_stride, local_begin,
-    rows_per_split, mixed_group,
-    margin, gamma, smooth_pos, smooth_neg,
-    CLASS_LEVEL: tl.constexpr, DETACH_ALPHA: tl.constexpr, LABEL_SMOOTHING: tl.constexpr, EDGE: tl.constexpr,
-    TILES: tl.constexpr,
+    q_ptr, k_ptr, q_desc, k_desc, q_label_ptr, k_label_ptr, inv_norm_k_ptr, table_ptr, h_ptr, h_desc, mixed_ptr,
+    B, N, D, stride_qb, stride_qd, stride_kn, stride_kd, key_start, h_stride, local_begin, rows_per_split,
+    mixed_group,
+    CLASS_LEVEL: tl.constexpr, DETACH_ALPHA: tl.constexpr, LABEL_SMOOTHING: tl.constexpr, TABLE_STRIDE: tl.constexpr,
+    EDGE: tl.constexpr, TILES: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
     TMA: tl.constexpr, DOT_PRECISION: tl.constexpr, D_CHUNKS: tl.constexpr, RESIDENT_KEYS: tl.constexpr = False,
 ):
@@ -158,9 +176,7 @@ def circle_grad_similarity_kernel(
         rows_start = walk_at(first, step, skip_at, skip)
         rows = rows_start + tl.arange(0, BLOCK_B)
         row_ok = rows < B
-        norm_q, inv_norm_q, lse_pos2, lse_neg2, row_factor, row_scale, grad_row = _row_terms(
-            inv_norm_q_ptr, lse_pos_ptr, lse_neg_ptr, row_scale_ptr, grad_rows_ptr, grad_scale_ptr, rows, B,
-            LABEL_SMOOTHING)
+        terms = _load_row_terms(table_ptr, rows, B, TABLE_STRIDE, LABEL_SMOOTHING)  # the formula's row terms
         if pairs:
             q_label = row_labels(q_label_ptr, rows, B, False)
         # S tile in units of 1/‖q_i‖, recomputed: raw products on the tensor cores, the keys' norms folded in
@@ -173,12 +189,9 @@ def circle_grad_similarity_kernel(
                             DOT_PRECISION)
         t = dots * inv_norm_k[None, :]
         if pairs:  # both kinds
-            g = _gradient(t, positive_pairs(q_label, k_label, first_key, False), norm_q, inv_norm_q, lse_pos2,
-                          lse_neg2, row_factor, row_scale, grad_row, margin, gamma, smooth_pos, smooth_neg,
-                          DETACH_ALPHA, LABEL_SMOOTHING)
+            g = _gradient(t, positive_pairs(q_label, k_label, first_key, False), terms, LABEL_SMOOTHING, DETACH_ALPHA)
         else:  # the negative formula on every similarity
-            g = _gradient(t, False, norm_q, inv_norm_q, lse_pos2, lse_neg2, row_factor, row_scale, grad_row,
-                          margin, gamma, smooth_pos, smooth_neg, DETACH_ALPHA, LABEL_SMOOTHING)
+            g = _gradient(t, False, terms, LABEL_SMOOTHING, DETACH_ALPHA)
         if EDGE:
             g = tl.where(in_bounds, g, 0.0)
         h = (g * inv_norm_k[None, :]).to(h_ptr.dtype.element_ty)

@@ -32,7 +32,7 @@ def _tiles(b, n, d, warps, stages, **constexprs):
 
 _ELEMENTWISE = {
     "inv_norm": LaunchConfig({"BLOCK_R": 16, "BLOCK_D": 128}, 4, 1),
-    "positive_gradient": LaunchConfig({"BLOCK_B": 16, "BLOCK_D": 128}, 4, 1),
+    "row_terms": LaunchConfig({"BLOCK_B": 16, "BLOCK_D": 128}, 4, 1),
     "row_entries": LaunchConfig({"BLOCK_B": 128}, 4, 1),
 }
 
@@ -57,18 +57,18 @@ PRESETS = {
         # triton 3.9 / 3.6, no spills; the H100 timed them level with the candidates). issue_to_mma:
         # forward 0.56 / 0.58 (negatives-only tiles 0.49 / 0.49; the measured-faster preset reads higher
         # than 128 × 256 × 128's 0.48, its D loop being twice as long), forward_pairwise (one kind a launch)
-        # 0.48-0.55 / 0.48-0.62, grad_similarity 0.49 / 0.46, grad_similarity_full 0.55 / 0.52,
-        # grad_similarity_pairwise 0.62 / 0.63 (64 × 128), grad_similarity_pairwise_full 1.02 / 1.00
-        # (64 × 128 spills with the true derivative's epilogue under 3.6), grad_keys 0.44 / 0.43. A sorted
-        # pair-wise problem's negatives-only tiles (label_order.py) take the class-level presets (backward
-        # 0.50 / 0.48 and 0.57 / 0.54). forward and forward_pairwise share BLOCK_B, as the grad_similarity
-        # presets do.
+        # 0.48-0.55 / 0.48-0.62, grad_similarity 0.47 / 0.44, grad_similarity_full 0.50 / 0.47,
+        # grad_similarity_pairwise 0.605 / 0.61, grad_similarity_pairwise_full 0.83 / 0.83 (64 × 128
+        # since the row table; 64 × 64, 1.02 / 1.00, while 64 × 128 spilled under 3.6), grad_keys 0.44
+        # / 0.43. A sorted pair-wise problem's negatives-only tiles (label_order.py) take the class-level
+        # presets (backward 0.47 / 0.45 and 0.50 / 0.48). forward and forward_pairwise share BLOCK_B, as
+        # the grad_similarity presets do.
         "forward": _tiles(128, 256, 64, 8, 3),
         "forward_pairwise": _tiles(128, 256, 128, 8, 2),
         "grad_similarity": _tiles(64, 128, 256, 4, 2),
         "grad_similarity_full": _tiles(64, 128, 256, 4, 2),
         "grad_similarity_pairwise": _tiles(64, 128, 256, 4, 2),
-        "grad_similarity_pairwise_full": _tiles(64, 64, 256, 4, 2),
+        "grad_similarity_pairwise_full": _tiles(64, 128, 256, 4, 2),
         "grad_queries": _tiles(128, 64, 256, 8, 3),
         "grad_keys": _tiles(64, 64, 256, 8, 3),
         **_ELEMENTWISE,
@@ -117,7 +117,7 @@ _INTERPRETER = {
     "grad_queries": _tiles(16, 32, 16, 4, 1),
     "grad_keys": _tiles(16, 32, 16, 4, 1),
     "inv_norm": LaunchConfig({"BLOCK_R": 16, "BLOCK_D": 16}, 4, 1),
-    "positive_gradient": LaunchConfig({"BLOCK_B": 16, "BLOCK_D": 16}, 4, 1),
+    "row_terms": LaunchConfig({"BLOCK_B": 16, "BLOCK_D": 16}, 4, 1),
     "row_entries": LaunchConfig({"BLOCK_B": 16}, 4, 1),
 }
 # Programs to aim for per launch, as a multiple of the SM count (the interpreter: a fixed small number,

@@ -124,49 +124,68 @@ def walk_at(first, step, skip_at, skip):
 
 
 @triton.jit
-def circle_epilogue(t, is_pos, norm_q, inv_norm_q, margin, logit_scale, offset_pos, offset_neg, slope_scale,
-                    DETACH_ALPHA: tl.constexpr):
-    """The Circle Loss formula on a tile: the one place α, Δ and the margin are written.
+def circle_row_terms(norm_q, inv_norm_q, margin, logit_scale, offset_pos, offset_neg, slope_scale,
+                     DETACH_ALPHA: tl.constexpr):
+    """The per-row half of the Circle Loss formula: what circle_epilogue needs of row i, as (BLOCK_B,)
+    vectors (norm_q, threshold, curvature, offset_pos, offset_neg, slope_neg, slope_at_zero).
+    One place with circle_epilogue: together they are the formula, α, Δ and the margin written once.
 
-    t: q_i · k̂_j, the raw query against the normalised key (s_ij = t_ij / ‖q_i‖), float32;
-    is_pos: a tile of b_j == a_i, or a constant True / False for a tile of one kind;
-    norm_q, inv_norm_q: ‖q_i‖ and 1/‖q_i‖ (BLOCK_B,), finite (rows past B pass 1);
-    logit_scale: a scalar; offset_pos, offset_neg, slope_scale: (BLOCK_B,) row terms.
-    Returns (logit · logit_scale - offset of the element's kind, slope · slope_scale), where
-      logit  u_ij / γ = -α^p·(s - Δ_p) on positives, v_ij / γ = α^n·(s - Δ_n) on negatives; masks
-             (bounds, labels, excluded keys) are the caller's;
-      slope  (d logit / d s) / γ: -α^p and α^n with α detached; otherwise -2(1 - s)·[α^p > 0] and
-             2s·[α^n > 0] (a clipped α makes its logit 0 for every s).
+    norm_q, inv_norm_q: ‖q_i‖ and 1/‖q_i‖, finite (rows past B pass 1); logit_scale: a scalar;
+    offset_pos, offset_neg: what each kind's logit has subtracted (a log-sum-exp in the backward, 0 in
+    the forward); slope_scale: what the slope is multiplied by.
 
     Both kinds are one formula in r, the similarity seen from the kind's optimum (r = s on negatives,
     r = 1 - s on positives): α = relu(r + m) and the distance to the margin is r - m, since
     α^p = relu(O_p - s) = relu((1 - s) + m), Δ_p - s = (1 - s) - m with O_p = 1 + m, Δ_p = 1 - m, and
     α^n = relu(s - O_n) = relu(s + m), s - Δ_n = s - m with O_n = -m, Δ_n = m. dr/ds = ∓1.
     With u = max(r, -m), α = u + m and the logit α·(r - m) is (u + m)(u - m) = u² - m² (0 where α is
-    clipped). The tile is held in units of 1/‖q_i‖, so that s is never formed: y = ‖q_i‖·r (t on
-    negatives, ‖q_i‖ - t on positives) and v = max(y, -m‖q_i‖) = ‖q_i‖·u, so the scaled logit is one
-    multiply and one fma, v·(v·logit_scale/‖q_i‖²) - (logit_scale·m² + offset), and the detached slope
-    one fma, ±(v·slope_scale/‖q_i‖ + m·slope_scale), with the row terms folded per row.
+    clipped). The tile is held in units of 1/‖q_i‖, so that s is never formed: y = ‖q_i‖·r and
+    v = max(y, threshold) = ‖q_i‖·u with threshold = -m‖q_i‖, so the scaled logit is
+    v·(v·curvature) - offset with curvature = logit_scale/‖q_i‖² and the kind's offset holding
+    logit_scale·m². The slope (d logit / d s, ∓ for the kind) with α detached is ∓α·slope_scale =
+    ∓(v·slope_neg + slope_at_zero) with slope_neg = slope_scale/‖q_i‖ and slope_at_zero = m·slope_scale;
+    the true derivative d(u² - m²)/dr = 2u where α is not clipped, 0 where it is: ∓v·slope_neg with
+    slope_neg = 2·slope_scale/‖q_i‖.
     """
     # float32 scalars, as on a GPU (the interpreter would carry a product like m² below 2^-126 in float64)
     margin, logit_scale = tl.cast(margin, tl.float32), tl.cast(logit_scale, tl.float32)
-    y = tl.where(is_pos, norm_q[:, None] - t, t)
-    threshold = -margin * norm_q  # -m in units of 1/‖q_i‖
-    v = tl.maximum(y, threshold[:, None], propagate_nan=tl.PropagateNan.ALL)  # NaN in t stays NaN
-    curvature = logit_scale * inv_norm_q * inv_norm_q
     constant = logit_scale * margin * margin
-    logit = tl.fma(v, v * curvature[:, None],
-                   -tl.where(is_pos, (offset_pos + constant)[:, None], (offset_neg + constant)[:, None]))
-    if DETACH_ALPHA:  # ∓α·slope_scale = ∓(v·(slope_scale/‖q_i‖) + m·slope_scale)
-        per_v = inv_norm_q * slope_scale
-        at_zero = margin * slope_scale
-        slope = tl.where(is_pos, tl.fma(v, -per_v[:, None], -at_zero[:, None]),
-                         tl.fma(v, per_v[:, None], at_zero[:, None]))
-    else:  # d((r + m)·(r - m))/dr = 2r = 2v/‖q_i‖ where α is not clipped (y above the threshold)
-        # A select on the compare, not arithmetic on v - threshold: compiled code contracts that difference
-        # into an fma with the threshold's product, so it is not exactly 0 where α is clipped.
-        per_v = 2.0 * inv_norm_q * slope_scale
-        slope = tl.where(y > threshold[:, None], y, 0.0) * tl.where(is_pos, -per_v[:, None], per_v[:, None])
+    slope_neg = inv_norm_q * slope_scale
+    if not DETACH_ALPHA:
+        slope_neg = 2.0 * slope_neg
+    return (norm_q, -margin * norm_q, logit_scale * inv_norm_q * inv_norm_q, offset_pos + constant,
+            offset_neg + constant, slope_neg, margin * slope_scale)
+
+
+@triton.jit
+def circle_epilogue(t, is_pos, norm_q, threshold, curvature, offset_pos, offset_neg, slope_neg, slope_at_zero,
+                    DETACH_ALPHA: tl.constexpr):
+    """The per-element half of the Circle Loss formula on a tile, with row i's terms from
+    circle_row_terms (each (BLOCK_B,)).
+
+    t: q_i · k̂_j, the raw query against the normalised key (s_ij = t_ij / ‖q_i‖), float32;
+    is_pos: a tile of b_j == a_i, or a constant True / False for a tile of one kind.
+    Returns (logit · logit_scale - offset of the element's kind, slope · slope_scale), where
+      logit  u_ij / γ = -α^p·(s - Δ_p) on positives, v_ij / γ = α^n·(s - Δ_n) on negatives; masks
+             (bounds, labels, excluded keys) are the caller's;
+      slope  (d logit / d s) / γ: -α^p and α^n with α detached; otherwise -2(1 - s)·[α^p > 0] and
+             2s·[α^n > 0] (a clipped α makes its logit 0 for every s).
+    With the true derivative a clipped element's v is taken as 0 instead of the threshold: its slope is
+    then 0 with no second select, and its logit, -offset (offset ≥ logit_scale·m² + the kind's
+    log-sum-exp ≥ the clipped element's own 0), only ever multiplies that 0.
+    """
+    y = tl.where(is_pos, norm_q[:, None] - t, t)  # ‖q_i‖·r
+    if DETACH_ALPHA:
+        v = tl.maximum(y, threshold[:, None], propagate_nan=tl.PropagateNan.ALL)  # NaN in t stays NaN
+    else:  # a select on the compare, not arithmetic on y - threshold: compiled code contracts that
+        # difference into an fma with the threshold's product, so it is not exactly 0 where α is clipped
+        v = tl.where(y <= threshold[:, None], 0.0, y)  # NaN fails the compare and stays
+    logit = tl.fma(v, v * curvature[:, None], -tl.where(is_pos, offset_pos[:, None], offset_neg[:, None]))
+    if DETACH_ALPHA:
+        slope = tl.where(is_pos, tl.fma(v, -slope_neg[:, None], -slope_at_zero[:, None]),
+                         tl.fma(v, slope_neg[:, None], slope_at_zero[:, None]))
+    else:
+        slope = tl.where(is_pos, v * -slope_neg[:, None], v * slope_neg[:, None])
     return logit, slope
 
 
@@ -189,7 +208,7 @@ def gathered_positive(q_ptr, k_ptr, inv_norm_k_ptr, rows, q_label, B, N, D, stri
 
 @triton.jit
 def query_norms(inv_norm_q_ptr, rows, B):
-    """(‖q_i‖, 1/‖q_i‖) as circle_epilogue takes them: 1 for rows past B, so their terms stay finite."""
+    """(‖q_i‖, 1/‖q_i‖) as circle_row_terms takes them: 1 for rows past B, so their terms stay finite."""
     inv_norm_q = tl.load(inv_norm_q_ptr + rows, mask=rows < B, other=1.0)
     return 1.0 / inv_norm_q, inv_norm_q
 
