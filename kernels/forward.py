@@ -93,7 +93,7 @@ def circle_forward_kernel(
                                 DOT_PRECISION)
         else:
             dots = dot_tile(q_ptr, k_ptr, q_desc, k_desc, rows_start, n0, B, N, D, stride_qb, stride_qd, stride_kn,
-                            stride_kd, BLOCK_B, BLOCK_N, BLOCK_D, EVEN_D, TMA, DOT_PRECISION)
+                            stride_kd, BLOCK_B, BLOCK_N, BLOCK_D, EVEN_D, TMA, DOT_PRECISION, D_CHUNKS == 1)
         t = dots * tl.load(inv_norm_k_ptr + keys, mask=keys < N, other=0.0)[None, :]
         # masks: keys past N (only in the EDGE launch, the last partial tile), the other kind, the row's
         # excluded key (its own slot: i itself in-batch, or its slot in a memory)
