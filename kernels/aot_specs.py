@@ -149,7 +149,8 @@ def launches(dtypes=tuple(OPERAND_TYPES)) -> list[Launch]:
                                       **{"TILES": "all", **flags}))
         for form, detach in (("class-level", True), ("class-level", False), ("pair-wise", True)):
             result.append(_launch("row_terms", circle_row_terms_kernel, dtype,
-                                  f"{form} {'detach' if detach else 'full'}-alpha", circle,
+                                  f"{form} {'detach' if detach else 'full'}-alpha",
+                                  _label_types(circle, {"CLASS_LEVEL": form == "class-level"}),
                                   CLASS_LEVEL=form == "class-level", DETACH_ALPHA=detach, LABEL_SMOOTHING=False,
                                   TABLE_STRIDE=row_table_width(False)))
         result.append(_launch("row_entries", circle_row_entries_kernel, dtype, "class-level",

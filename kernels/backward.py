@@ -102,7 +102,7 @@ def circle_backward(grad_rows, queries, keys, query_labels, key_labels, inv_norm
     kinds, mixed = tile_launches(order, problem, None, class_level, mixed_config, split_kinds=False, walk_rows=True)
     group = mixed_group(class_level, mixed_config) if order is not None else 1
     tile_problem = {k: v for k, v in problem.items()
-                    if k not in ("excluded_key_ptr", "EXCLUDE_KEY", "inv_norm_q_ptr", "margin", "gamma")}
+                    if k not in ("excluded_key_ptr", "EXCLUDE_KEY", "q_label_ptr", "inv_norm_q_ptr", "margin", "gamma")}
     entries_cfg = tile_config("row_entries", queries)
     queries_cfg = tile_config("grad_queries", queries)
     keys_cfg = key_tile(preset("grad_keys", queries), D)

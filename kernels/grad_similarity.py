@@ -36,9 +36,10 @@ from .tile import (LOG2_E, circle_epilogue, circle_row_terms, column_labels, dot
 
 
 # The row table (circle_row_terms_kernel writes it, the tiles read it): float32, one row per query row
-# (row_table_width(...) long, a power of two): circle_row_terms' seven, then with label smoothing σ_i, g_i·c_p
-# and g_i·c_n.
-ROW_FIELDS = tl.constexpr(7)
+# (row_table_width(...) long, a power of two): circle_row_terms' seven, the row's pair-wise label (its
+# int32 bits), then with label smoothing σ_i, g_i·c_p and g_i·c_n. Everything a tile needs of its rows,
+# at one address a row.
+ROW_FIELDS = tl.constexpr(8)
 SMOOTHING_FIELDS = tl.constexpr(3)
 
 
@@ -49,12 +50,12 @@ def row_table_width(label_smoothing: bool) -> int:
 
 @triton.jit
 def _load_row_terms(table_ptr, rows, B, TABLE_STRIDE: tl.constexpr, LABEL_SMOOTHING: tl.constexpr):
-    """Row i's fields of the table for rows = a block of row indices; rows past B read 0 (their logits
-    are then 0 and their slopes 0: finite, zero gradients, and never stored)."""
-    row = table_ptr + rows * TABLE_STRIDE
+    """Row i's fields of the table for rows = a block of row indices, without masks: rows past B read
+    row B - 1's (finite terms; those rows of the tile are never stored)."""
+    row = table_ptr + tl.minimum(rows.to(tl.int32), B - 1) * TABLE_STRIDE
     terms = ()
     for field in tl.static_range(ROW_FIELDS + (SMOOTHING_FIELDS if LABEL_SMOOTHING else 0)):
-        terms = terms + (tl.load(row + field, mask=rows < B, other=0.0),)
+        terms = terms + (tl.load(row + field),)
     return terms
 
 
@@ -67,8 +68,8 @@ def _gradient(t, is_pos, terms, LABEL_SMOOTHING: tl.constexpr, DETACH_ALPHA: tl.
                                    DETACH_ALPHA)
     weight = tl.exp2(logit)
     if LABEL_SMOOTHING:
-        smooth = tl.where(is_pos, terms[8][:, None], terms[9][:, None])
-        return (terms[7][:, None] * weight - smooth) * slope
+        smooth = tl.where(is_pos, terms[9][:, None], terms[10][:, None])
+        return (terms[8][:, None] * weight - smooth) * slope
     return weight * slope
 
 
@@ -97,6 +98,10 @@ def circle_row_terms_kernel(
         slope_scale = slope_scale * row_scale
     terms = circle_row_terms(norm_q, inv_norm_q, margin, gamma * LOG2_E, lse_pos2, lse_neg2, slope_scale,
                              DETACH_ALPHA)
+    if CLASS_LEVEL:  # (the tiles take no labels)
+        terms = terms + (tl.zeros((BLOCK_B,), tl.float32),)
+    else:
+        terms = terms + (tl.load(q_label_ptr + rows, mask=row_ok, other=-1).to(tl.float32, bitcast=True),)
     if LABEL_SMOOTHING:
         grad_row = tl.load(grad_rows_ptr + rows, mask=row_ok, other=0.0)
         terms = terms + (row_scale, grad_row * smooth_pos, grad_row * smooth_neg)
@@ -139,7 +144,7 @@ def circle_row_entries_kernel(
 
 @triton.jit
 def circle_grad_similarity_kernel(
-    q_ptr, k_ptr, q_desc, k_desc, q_label_ptr, k_label_ptr, inv_norm_k_ptr, table_ptr, h_ptr, h_desc, mixed_ptr,
+    q_ptr, k_ptr, q_desc, k_desc, k_label_ptr, inv_norm_k_ptr, table_ptr, h_ptr, h_desc, mixed_ptr,
     B, N, D, stride_qb, stride_qd, stride_kn, stride_kd, key_start, h_stride, local_begin, rows_per_split,
     mixed_group,
     CLASS_LEVEL: tl.constexpr, DETACH_ALPHA: tl.constexpr, LABEL_SMOOTHING: tl.constexpr, TABLE_STRIDE: tl.constexpr,
@@ -181,7 +186,7 @@ def circle_grad_similarity_kernel(
         row_ok = rows < B
         terms = _load_row_terms(table_ptr, rows, B, TABLE_STRIDE, LABEL_SMOOTHING)  # the formula's row terms
         if pairs:
-            q_label = row_labels(q_label_ptr, rows, B, False)
+            q_label = terms[7].to(tl.int32, bitcast=True)
         # S tile in units of 1/‖q_i‖, recomputed: raw products on the tensor cores, the keys' norms folded in
         if resident:
             dots = dot_resident(q_desc, rows_start, keys_first, keys_second, BLOCK_B, BLOCK_N, BLOCK_D,

@@ -40,8 +40,9 @@ def dot_tile(q_ptr, k_ptr, q_desc, k_desc, row0, key0, B, N, D, stride_qb, strid
     as zeros. ONE_CHUNK (the caller's choice where D fits one BLOCK_D chunk, presets.d_chunks): no D
     loop, so that the caller's walk over tiles is the loop the compiler pipelines (it issues the next
     tile's copies within this one's iteration) and the product starts from a constant zero (the
-    accumulator is not zeroed first); 0.2 less issue per tensor-core cycle at D = 128 offline. Otherwise through pointers: rows ≥ B and keys ≥ N read rows i mod B and j mod N (in
-    bounds, no masks in the loop); EVEN_D: BLOCK_D divides D, so the D loop needs no mask either.
+    accumulator is not zeroed first); 0.2 less issue per tensor-core cycle at D = 128 offline.
+    Otherwise through pointers: rows ≥ B and keys ≥ N read rows i mod B and j mod N (in bounds, no masks
+    in the loop); EVEN_D: BLOCK_D divides D, so the D loop needs no mask either.
     Either way the caller masks what rows ≥ B and keys ≥ N produce.
     """
     tl.assume(D > 0)  # (validated) the D loop runs: no second, zero-trip path with its own zeroed tile
