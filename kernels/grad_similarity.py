@@ -82,8 +82,8 @@ def circle_row_terms_kernel(
     BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """The row table of the backward (B rows of TABLE_STRIDE = row_table_width float32): circle_row_terms
-    of every row, with LP_i and LN_i in base 2 as the offsets and σ_i·c/‖q_i‖·γ as the slope's scale
-    (c/‖q_i‖·γ with label smoothing, whose σ_i, g_i·c_p and g_i·c_n follow). Class-level keys
+    of every row (LP_i and LN_i in base 2 the offsets, σ_i·c/‖q_i‖·γ the slope's scale), its pair-wise
+    label, and with label smoothing σ_i, g_i·c_p and g_i·c_n (the slope's scale then c/‖q_i‖·γ). Class-level keys
     (CLASS_LEVEL) also get each row's H_{i,a_i}·‖k_{a_i}‖ from one gathered dot product (its one
     positive, its class), which circle_row_entries_kernel writes over the tiles' negative formula at
     (i, a_i)."""
