@@ -180,7 +180,8 @@ def circle_epilogue(t, is_pos, norm_q, threshold, curvature, offset_pos, offset_
              2s·[α^n > 0] (a clipped α makes its logit 0 for every s).
     With the true derivative a clipped element's v is taken as 0 instead of the threshold: its slope is
     then 0 with no second select, and its logit is -offset ≤ 0 (the offset is logit_scale·m² plus the
-    kind's log-sum-exp, which counts the element's own logit, 0), finite, and only multiplies that 0.
+    kind's log-sum-exp, at least its largest logit, and no logit is below -logit_scale·m²): finite, and
+    it only multiplies that 0.
     """
     y = tl.where(is_pos, norm_q[:, None] - t, t)  # ‖q_i‖·r
     if DETACH_ALPHA:
