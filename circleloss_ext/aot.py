@@ -143,7 +143,7 @@ def compile_launch(launch, arch: int, sass_dir: str = None, d: int = ANALYSIS_D)
     signature, constexprs, attrs = launch.compile_args(config, tma=family == "sm90", d=d)
     compiled = triton.compile(ASTSource(launch.fn, signature, constexprs, attrs),
                               target=GPUTarget("cuda", arch, 32),
-                              options={"num_warps": config.num_warps, "num_stages": config.num_stages})
+                              options=config.options())
     usage = resource_usage(compiled.asm["cubin"])
     sass = _cuobjdump(compiled.asm["cubin"], "-sass")
     counts = tile_counts(sass, config.num_warps, config.blocks.get("BLOCK_D", d), d)

@@ -18,8 +18,15 @@ class LaunchConfig:
     num_warps: int = 4
     num_stages: int = 2
 
+    def options(self) -> dict:
+        """The compiler's options for a launch. Floating-point contraction (a·b + c as one fma) is asked
+        for, not left to triton's default, which triton 3.10 turns off: the epilogues are written for fma
+        (and the offline figures read with it); their one place where contraction would change a result,
+        the true derivative's clipping, is a compare and a select."""
+        return {"num_warps": self.num_warps, "num_stages": self.num_stages, "enable_fp_fusion": True}
+
     def kwargs(self) -> dict:
-        return {**self.blocks, "num_warps": self.num_warps, "num_stages": self.num_stages}
+        return {**self.blocks, **self.options()}
 
     def label(self) -> str:
         sizes = " ".join(f"{k.removeprefix('BLOCK_')}={int(v)}" for k, v in self.blocks.items())
