@@ -19,7 +19,8 @@ With TMA the operands come through tensor descriptors and H leaves through one (
 last partial tile runs in a launch of its own (EDGE), the only one that masks keys past N. With
 RESIDENT_KEYS (a preset's choice, with TMA and D in at most two BLOCK_D chunks) the program loads its key
 tile once and keeps it for the whole walk: only the rows stream, and the row loop is the one the
-compiler pipelines (otherwise the D loop inside each tile is, which at D = 128 has one step).
+compiler pipelines. Without it the row loop is that loop only where D fits one chunk (tile.dot_tile's
+ONE_CHUNK); otherwise the D loop inside each tile is.
 A pair-wise problem sorted by label (label_order.py) runs two launches: "mixed" takes the run of row
 blocks whose mixed ranges may meet the program's key tile (label_order.mixed_row_ranges), TILES
 "negative" the row blocks around it (the negatives-only epilogue, no labels, no masks but EDGE's).
@@ -83,10 +84,10 @@ def circle_row_terms_kernel(
 ):
     """The row table of the backward (B rows of TABLE_STRIDE = row_table_width float32): circle_row_terms
     of every row (LP_i and LN_i in base 2 the offsets, σ_i·c/‖q_i‖·γ the slope's scale), its pair-wise
-    label, and with label smoothing σ_i, g_i·c_p and g_i·c_n (the slope's scale then c/‖q_i‖·γ). Class-level keys
-    (CLASS_LEVEL) also get each row's H_{i,a_i}·‖k_{a_i}‖ from one gathered dot product (its one
-    positive, its class), which circle_row_entries_kernel writes over the tiles' negative formula at
-    (i, a_i)."""
+    label, and with label smoothing σ_i, g_i·c_p and g_i·c_n (the slope's scale then c/‖q_i‖·γ).
+    Class-level keys (CLASS_LEVEL) also get each row's H_{i,a_i}·‖k_{a_i}‖ from one gathered dot product
+    (its one positive, its class), which circle_row_entries_kernel writes over the tiles' negative formula
+    at (i, a_i)."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
     row_ok = rows < B
     norm_q, inv_norm_q = query_norms(inv_norm_q_ptr, rows, B)
@@ -98,10 +99,11 @@ def circle_row_terms_kernel(
         slope_scale = slope_scale * row_scale
     terms = circle_row_terms(norm_q, inv_norm_q, margin, gamma * LOG2_E, lse_pos2, lse_neg2, slope_scale,
                              DETACH_ALPHA)
+    q_label = row_labels(q_label_ptr, rows, B, CLASS_LEVEL)
     if CLASS_LEVEL:  # (the tiles take no labels)
         terms = terms + (tl.zeros((BLOCK_B,), tl.float32),)
     else:
-        terms = terms + (tl.load(q_label_ptr + rows, mask=row_ok, other=-1).to(tl.float32, bitcast=True),)
+        terms = terms + (q_label.to(tl.float32, bitcast=True),)
     if LABEL_SMOOTHING:
         grad_row = tl.load(grad_rows_ptr + rows, mask=row_ok, other=0.0)
         terms = terms + (row_scale, grad_row * smooth_pos, grad_row * smooth_neg)
@@ -109,7 +111,6 @@ def circle_row_terms_kernel(
     for field in tl.static_range(len(terms)):
         tl.store(row + field, terms[field], mask=row_ok)
     if CLASS_LEVEL:
-        q_label = row_labels(q_label_ptr, rows, B, True)
         t_pos, _ = gathered_positive(q_ptr, k_ptr, inv_norm_k_ptr, rows, q_label, B, N, D, stride_qb, stride_qd,
                                      stride_kn, stride_kd, BLOCK_B, BLOCK_D)
         g = _gradient(t_pos[:, None], True, terms, LABEL_SMOOTHING, DETACH_ALPHA)

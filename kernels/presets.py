@@ -54,9 +54,11 @@ _ELEMENTWISE = {
 # needs. A grad_similarity preset may set RESIDENT_KEYS, a forward one RESIDENT_ROWS: each program then
 # holds the tile it owns (its keys; its rows) in shared memory for its whole walk over the other side (with
 # tensor descriptors, D in at most two BLOCK_D chunks), so that only the other side streams and the walk
-# is the loop the compiler pipelines (tile.resident_tile). Offline at D = 128 (sm_90 bf16) that takes the
-# tiles' issue ratio from 1.69 to 1.44 (forward 128 × 256 × 64 s2, grad_similarity 64 × 128 × 128 s3);
-# no preset sets either until a GPU has timed them (benchmarks/tune_presets.py lists the candidates).
+# is the loop the compiler pipelines (tile.resident_tile). Offline at D = 128 (sm_90 bf16) the forward
+# reads 1.44 held (128 × 256 × 64 s2) against the preset's 1.69 (its 64-wide chunks keep a D loop) and
+# 1.42 in one 128-wide chunk (no D loop, tile.dot_tile's ONE_CHUNK); grad_similarity 1.33 held (64 × 128
+# × 128 s3) against 1.38 in its one chunk. No preset sets either until a GPU has timed them
+# (benchmarks/tune_presets.py lists the candidates).
 PRESETS = {
     ("sm90", "16"): {  # measured: benchmarks/tune_presets.py on an H100 (results/nvidia-h100-*-tune_presets.txt:
         # forward 128 × 256 × 64 s3 and grad_keys s3 took 0.6 and 1.2 ms off case A, 0.6 and 3.7 ms off case

@@ -50,7 +50,7 @@ def dot_tile(q_ptr, k_ptr, q_desc, k_desc, row0, key0, B, N, D, stride_qb, strid
     if TMA and ONE_CHUNK:
         q = q_desc.load([tl.cast(row0, tl.int32), 0])
         k = k_desc.load([tl.cast(key0, tl.int32), 0])
-        acc = matmul(q, tl.trans(k), tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32), DOT_PRECISION)
+        acc = matmul(q, tl.trans(k), acc, DOT_PRECISION)
     elif TMA:
         for d0 in range(0, D, BLOCK_D):
             q = q_desc.load([tl.cast(row0, tl.int32), d0])
