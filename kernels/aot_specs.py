@@ -48,6 +48,11 @@ _FORWARD_FORMS = {  # form: (constexprs, preset)
     "pair-wise exclude-self positives": ({**_EXCLUDE_SELF, "KIND": "positive"}, "forward_pairwise"),
     "pair-wise negative tiles": ({**_EXCLUDE_SELF, "TILES": "negative"}, "forward"),
 }
+# A negative margin compiles its own true-derivative tiles for those that may hold both kinds
+# (tile.circle_epilogue's CLIP_POSITIVES: a positive's α can then be clipped too, one compare more a
+# similarity); their rows are reported with this mark and counted apart from the budget's, which is set
+# at the margins the paper recommends (m ≥ 0). Tiles of one kind compile the same code at any margin.
+NEGATIVE_MARGIN = "m<0"
 _BACKWARD_FORMS = {  # form: (constexprs, preset, with "_full" for the true derivative); excluded keys
     # are written after the tiles (circle_row_entries_kernel), so an exclude-self problem's tiles are these
     "class-level": ({"CLASS_LEVEL": True}, "grad_similarity"),
@@ -140,18 +145,22 @@ def launches(dtypes=tuple(OPERAND_TYPES)) -> list[Launch]:
                                   DOT_PRECISION=precision, TRACK_TOP1=False, NEGATIVE_SUM=False, EDGE=False,
                                   **{"TILES": "all", "KIND": "negative", **flags}))
         for form, (flags, preset) in _BACKWARD_FORMS.items():
-            for detach in (True, False):
+            for detach, clip_positives in ((True, False), (False, False), (False, True)):
+                if clip_positives and (flags["CLASS_LEVEL"] or "TILES" in flags):  # one kind: no other code
+                    continue
+                mode = f"{'detach' if detach else 'full'}-alpha" + (f" {NEGATIVE_MARGIN}" if clip_positives else "")
                 result.append(_launch(preset + ("" if detach else "_full"), circle_grad_similarity_kernel, dtype,
-                                      f"{form} {'detach' if detach else 'full'}-alpha",
-                                      {**_label_types(circle, flags), "h_ptr": x}, DETACH_ALPHA=detach,
-                                      LABEL_SMOOTHING=False, TABLE_STRIDE=row_table_width(False), EDGE=False,
-                                      DOT_PRECISION=precision,
+                                      f"{form} {mode}", {**_label_types(circle, flags), "h_ptr": x},
+                                      DETACH_ALPHA=detach, CLIP_POSITIVES=clip_positives, LABEL_SMOOTHING=False,
+                                      TABLE_STRIDE=row_table_width(False), EDGE=False, DOT_PRECISION=precision,
                                       **{"TILES": "all", **flags}))
-        for form, detach in (("class-level", True), ("class-level", False), ("pair-wise", True)):
-            result.append(_launch("row_terms", circle_row_terms_kernel, dtype,
-                                  f"{form} {'detach' if detach else 'full'}-alpha",
+        for form, detach, clip_positives in (("class-level", True, False), ("class-level", False, False),
+                                             ("class-level", False, True), ("pair-wise", True, False)):
+            mode = f"{'detach' if detach else 'full'}-alpha" + (f" {NEGATIVE_MARGIN}" if clip_positives else "")
+            result.append(_launch("row_terms", circle_row_terms_kernel, dtype, f"{form} {mode}",
                                   _label_types(circle, {"CLASS_LEVEL": form == "class-level"}),
-                                  CLASS_LEVEL=form == "class-level", DETACH_ALPHA=detach, LABEL_SMOOTHING=False,
+                                  CLASS_LEVEL=form == "class-level", DETACH_ALPHA=detach, CLIP_POSITIVES=clip_positives,
+                                  LABEL_SMOOTHING=False,
                                   TABLE_STRIDE=row_table_width(False)))
         result.append(_launch("row_entries", circle_row_entries_kernel, dtype, "class-level",
                               {"h_ptr": x, "q_label_ptr": "i64"}, POSITIVE=True, EXCLUDED=False))

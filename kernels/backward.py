@@ -130,6 +130,7 @@ def circle_backward(grad_rows, queries, keys, query_labels, key_labels, inv_norm
     # the formula's row terms, ready-made for the tiles (and class-level keys' one positive a row: its
     # H_{i,a_i}·‖k_{a_i}‖, written over the tiles per chunk)
     table = torch.empty(B, row_table_width(smoothing), device=device, dtype=torch.float32)
+    clip_positives = not detach_alpha and margin < 0  # (tile.circle_epilogue: only then can α^p be clipped)
     positive = torch.empty(B if key_labels is None else 0, device=device, dtype=torch.float32)
     terms_cfg = tile_config("row_terms", queries)
     circle_row_terms_kernel[(triton.cdiv(B, terms_cfg.blocks["BLOCK_B"]),)](
@@ -138,8 +139,8 @@ def circle_backward(grad_rows, queries, keys, query_labels, key_labels, inv_norm
         grad_rows_ptr=grad_rows, grad_scale_ptr=grad_scale, table_ptr=table, positive_ptr=positive, B=B, N=N, D=D,
         stride_qb=queries.stride(0), stride_qd=queries.stride(1), stride_kn=keys.stride(0),
         stride_kd=keys.stride(1), margin=margin, gamma=gamma, smooth_pos=smooth_pos, smooth_neg=smooth_neg,
-        CLASS_LEVEL=key_labels is None, DETACH_ALPHA=detach_alpha, LABEL_SMOOTHING=smoothing,
-        TABLE_STRIDE=table.stride(0), **terms_cfg.kwargs())
+        CLASS_LEVEL=key_labels is None, DETACH_ALPHA=detach_alpha, CLIP_POSITIVES=clip_positives,
+        LABEL_SMOOTHING=smoothing, TABLE_STRIDE=table.stride(0), **terms_cfg.kwargs())
     loads = {tiles: operand_loads(queries, keys, cfg) for tiles, cfg, *_ in launches}
     h_descs = {tiles: workspace_descriptor(h, cfg) if loads[tiles]["TMA"] else None for tiles, cfg, *_ in launches}
     for key_start in range(0, N, chunk):
@@ -151,7 +152,8 @@ def circle_backward(grad_rows, queries, keys, query_labels, key_labels, inv_norm
                 circle_grad_similarity_kernel[(triton.cdiv(local_end - local_begin, block_n), row_splits)](
                     **tile_problem, table_ptr=table, h_ptr=h, h_desc=h_descs[tiles], mixed_ptr=mixed,
                     mixed_group=group, key_start=key_start, h_stride=chunk, local_begin=local_begin,
-                    rows_per_split=rows_per_split, DETACH_ALPHA=detach_alpha, LABEL_SMOOTHING=smoothing, EDGE=edge,
+                    rows_per_split=rows_per_split, DETACH_ALPHA=detach_alpha, CLIP_POSITIVES=clip_positives,
+                    LABEL_SMOOTHING=smoothing, EDGE=edge,
                     TABLE_STRIDE=table.stride(0), TILES=tiles, D_CHUNKS=d_chunks(D, cfg), **loads[tiles],
                     **cfg.kwargs())
         if key_labels is None or problem["EXCLUDE_KEY"]:  # the entries written over the tiles

@@ -60,7 +60,7 @@ def circle_forward_kernel(
     norm_q, inv_norm_q = query_norms(inv_norm_q_ptr, rows, B)
     no_offset = tl.zeros((BLOCK_B,), tl.float32)
     # the formula's row terms, once for the whole walk: logits in base 2 (γ·log2 e), no offsets, no slope
-    terms = circle_row_terms(norm_q, inv_norm_q, margin, gamma * LOG2_E, no_offset, no_offset, no_offset, True)
+    terms = circle_row_terms(norm_q, inv_norm_q, margin, gamma * LOG2_E, no_offset, no_offset, no_offset, True)[0]
     positives: tl.constexpr = KIND == "positive"
     run_max = tl.full((BLOCK_B,), float("-inf"), tl.float32)
     run_sum = tl.zeros((BLOCK_B,), tl.float32)
@@ -107,7 +107,7 @@ def circle_forward_kernel(
             present = present & (is_pos if positives else ~is_pos)
             if EXCLUDE_KEY and not CLASS_LEVEL:
                 present = present & ~excluded_pairs(excluded_key, n0, BLOCK_N)
-        logit, _ = circle_epilogue(t, positives, *terms, True)
+        logit, _ = circle_epilogue(t, positives, terms, True, False)
         logit = tl.where(present, logit, float("-inf"))
         if TRACK_TOP1:  # the largest t of a row is its largest s (1/‖q_i‖ > 0)
             top = tl.maximum(top, tl.max(tl.where(present, t, float("-inf")), axis=1) * inv_norm_q)
@@ -126,7 +126,7 @@ def circle_forward_kernel(
         if (split == 0) & (key_begin == 0):  # the first program of the first launch that holds positives
             t_pos, has_pos = gathered_positive(q_ptr, k_ptr, inv_norm_k_ptr, rows, q_label, B, N, D, stride_qb,
                                                stride_qd, stride_kn, stride_kd, BLOCK_B, BLOCK_D)
-            logit_pos, _ = circle_epilogue(t_pos[:, None], True, *terms, True)
+            logit_pos, _ = circle_epilogue(t_pos[:, None], True, terms, True, False)
             lse_pos = tl.where(has_pos, tl.sum(logit_pos, axis=1), float("-inf"))
             top_pos = tl.where(has_pos, t_pos * inv_norm_q, float("-inf"))
     out = split.to(tl.int64) * B + rows

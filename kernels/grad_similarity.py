@@ -38,8 +38,8 @@ from .tile import (LOG2_E, circle_epilogue, circle_row_terms, column_labels, dot
 
 # The row table (circle_row_terms_kernel writes it, the tiles read it): float32, one row per query row
 # (row_table_width(...) long, a power of two): circle_row_terms' seven, the row's pair-wise label (its
-# int32 bits), then with label smoothing σ_i, g_i·c_p and g_i·c_n. Everything a tile needs of its rows,
-# at one address a row.
+# int32 bits), then with label smoothing σ_i, g_i·c_p and g_i·c_n (the last two in the unit of the
+# epilogue's weight, circle_row_terms). Everything a tile needs of its rows, at one address a row.
 ROW_FIELDS = tl.constexpr(8)
 SMOOTHING_FIELDS = tl.constexpr(3)
 
@@ -61,12 +61,14 @@ def _load_row_terms(table_ptr, rows, B, TABLE_STRIDE: tl.constexpr, LABEL_SMOOTH
 
 
 @triton.jit
-def _gradient(t, is_pos, terms, LABEL_SMOOTHING: tl.constexpr, DETACH_ALPHA: tl.constexpr):
+def _gradient(t, is_pos, terms, LABEL_SMOOTHING: tl.constexpr, DETACH_ALPHA: tl.constexpr,
+              CLIP_POSITIVES: tl.constexpr):
     """H_ij·‖k_j‖ = c·G_ij/‖q_i‖ for a tile of t = q_i · k̂_j, with row i's fields of the table (terms),
     where G_ij = σ_i·w_ij·γ·slope_ij (w_ij the softmax weight of the logit within LP_i or LN_i), or with
-    label smoothing G_ij = (σ_i·w_ij - g_i·c_kind)·γ·slope_ij; the row factors ride on the slope."""
-    logit, slope = circle_epilogue(t, is_pos, terms[0], terms[1], terms[2], terms[3], terms[4], terms[5], terms[6],
-                                   DETACH_ALPHA)
+    label smoothing G_ij = (σ_i·w_ij - g_i·c_kind)·γ·slope_ij; the row factors ride on the slope (with
+    the true derivative, on the weight: the table's smoothing terms come in its unit)."""
+    row = (terms[0], terms[1], terms[2], terms[3], terms[4], terms[5], terms[6])
+    logit, slope = circle_epilogue(t, is_pos, row, DETACH_ALPHA, CLIP_POSITIVES)
     weight = tl.exp2(logit)
     if LABEL_SMOOTHING:
         smooth = tl.where(is_pos, terms[9][:, None], terms[10][:, None])
@@ -79,12 +81,13 @@ def circle_row_terms_kernel(
     q_ptr, k_ptr, q_label_ptr, inv_norm_q_ptr, inv_norm_k_ptr, lse_pos_ptr, lse_neg_ptr, row_scale_ptr,
     grad_rows_ptr, grad_scale_ptr, table_ptr, positive_ptr,
     B, N, D, stride_qb, stride_qd, stride_kn, stride_kd, margin, gamma, smooth_pos, smooth_neg,
-    TABLE_STRIDE: tl.constexpr, CLASS_LEVEL: tl.constexpr, DETACH_ALPHA: tl.constexpr, LABEL_SMOOTHING: tl.constexpr,
-    BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
+    TABLE_STRIDE: tl.constexpr, CLASS_LEVEL: tl.constexpr, DETACH_ALPHA: tl.constexpr, CLIP_POSITIVES: tl.constexpr,
+    LABEL_SMOOTHING: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """The row table of the backward (B rows of TABLE_STRIDE = row_table_width float32): circle_row_terms
     of every row (LP_i and LN_i in base 2 the offsets, σ_i·c/‖q_i‖·γ the slope's scale), its pair-wise
-    label, and with label smoothing σ_i, g_i·c_p and g_i·c_n (the slope's scale then c/‖q_i‖·γ).
+    label, and with label smoothing σ_i, g_i·c_p and g_i·c_n in the weight's unit (the slope's scale then
+    c/‖q_i‖·γ). CLIP_POSITIVES: m < 0 with the true derivative (tile.circle_epilogue).
     Class-level keys (CLASS_LEVEL) also get each row's H_{i,a_i}·‖k_{a_i}‖ from one gathered dot product
     (its one positive, its class), which circle_row_entries_kernel writes over the tiles' negative formula
     at (i, a_i)."""
@@ -97,8 +100,8 @@ def circle_row_terms_kernel(
     slope_scale = inv_norm_q * tl.load(grad_scale_ptr) * gamma
     if not LABEL_SMOOTHING:
         slope_scale = slope_scale * row_scale
-    terms = circle_row_terms(norm_q, inv_norm_q, margin, gamma * LOG2_E, lse_pos2, lse_neg2, slope_scale,
-                             DETACH_ALPHA)
+    terms, weight_unit = circle_row_terms(norm_q, inv_norm_q, margin, gamma * LOG2_E, lse_pos2, lse_neg2,
+                                          slope_scale, DETACH_ALPHA)
     q_label = row_labels(q_label_ptr, rows, B, CLASS_LEVEL)
     if CLASS_LEVEL:  # (the tiles take no labels)
         terms = terms + (tl.zeros((BLOCK_B,), tl.float32),)
@@ -106,14 +109,14 @@ def circle_row_terms_kernel(
         terms = terms + (q_label.to(tl.float32, bitcast=True),)
     if LABEL_SMOOTHING:
         grad_row = tl.load(grad_rows_ptr + rows, mask=row_ok, other=0.0)
-        terms = terms + (row_scale, grad_row * smooth_pos, grad_row * smooth_neg)
+        terms = terms + (row_scale, grad_row * smooth_pos * weight_unit, grad_row * smooth_neg * weight_unit)
     row = table_ptr + rows * TABLE_STRIDE
     for field in tl.static_range(len(terms)):
         tl.store(row + field, terms[field], mask=row_ok)
     if CLASS_LEVEL:
         t_pos, _ = gathered_positive(q_ptr, k_ptr, inv_norm_k_ptr, rows, q_label, B, N, D, stride_qb, stride_qd,
                                      stride_kn, stride_kd, BLOCK_B, BLOCK_D)
-        g = _gradient(t_pos[:, None], True, terms, LABEL_SMOOTHING, DETACH_ALPHA)
+        g = _gradient(t_pos[:, None], True, terms, LABEL_SMOOTHING, DETACH_ALPHA, CLIP_POSITIVES)
         tl.store(positive_ptr + rows, tl.sum(g, axis=1), mask=row_ok)
 
 
@@ -148,8 +151,8 @@ def circle_grad_similarity_kernel(
     q_ptr, k_ptr, q_desc, k_desc, k_label_ptr, inv_norm_k_ptr, table_ptr, h_ptr, h_desc, mixed_ptr,
     B, N, D, stride_qb, stride_qd, stride_kn, stride_kd, key_start, h_stride, local_begin, rows_per_split,
     mixed_group,
-    CLASS_LEVEL: tl.constexpr, DETACH_ALPHA: tl.constexpr, LABEL_SMOOTHING: tl.constexpr, TABLE_STRIDE: tl.constexpr,
-    EDGE: tl.constexpr, TILES: tl.constexpr,
+    CLASS_LEVEL: tl.constexpr, DETACH_ALPHA: tl.constexpr, CLIP_POSITIVES: tl.constexpr, LABEL_SMOOTHING: tl.constexpr,
+    TABLE_STRIDE: tl.constexpr, EDGE: tl.constexpr, TILES: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
     TMA: tl.constexpr, DOT_PRECISION: tl.constexpr, D_CHUNKS: tl.constexpr, RESIDENT_KEYS: tl.constexpr = False,
 ):
@@ -198,9 +201,10 @@ def circle_grad_similarity_kernel(
                             DOT_PRECISION, one_chunk)
         t = dots * inv_norm_k[None, :]
         if pairs:  # both kinds
-            g = _gradient(t, positive_pairs(q_label, k_label, first_key, False), terms, LABEL_SMOOTHING, DETACH_ALPHA)
+            g = _gradient(t, positive_pairs(q_label, k_label, first_key, False), terms, LABEL_SMOOTHING, DETACH_ALPHA,
+                          CLIP_POSITIVES)
         else:  # the negative formula on every similarity
-            g = _gradient(t, False, terms, LABEL_SMOOTHING, DETACH_ALPHA)
+            g = _gradient(t, False, terms, LABEL_SMOOTHING, DETACH_ALPHA, CLIP_POSITIVES)
         if EDGE:
             g = tl.where(in_bounds, g, 0.0)
         h = (g * inv_norm_k[None, :]).to(h_ptr.dtype.element_ty)

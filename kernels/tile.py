@@ -134,13 +134,15 @@ def walk_at(first, step, skip_at, skip):
 @triton.jit
 def circle_row_terms(norm_q, inv_norm_q, margin, logit_scale, offset_pos, offset_neg, slope_scale,
                      DETACH_ALPHA: tl.constexpr):
-    """The per-row half of the Circle Loss formula: what circle_epilogue needs of row i, as (BLOCK_B,)
-    vectors (norm_q, threshold, curvature, offset_pos, offset_neg, slope_neg, slope_at_zero).
+    """The per-row half of the Circle Loss formula: what circle_epilogue needs of row i.
     One place with circle_epilogue: together they are the formula, α, Δ and the margin written once.
 
     norm_q, inv_norm_q: ‖q_i‖ and 1/‖q_i‖, finite (rows past B pass 1); logit_scale: a scalar;
     offset_pos, offset_neg: what each kind's logit has subtracted (a log-sum-exp in the backward, 0 in
-    the forward); slope_scale: what the slope is multiplied by.
+    the forward); slope_scale: what the slope is multiplied by. All (BLOCK_B,) but the scalars.
+    Returns (row, weight_unit): row, the seven (BLOCK_B,) terms circle_epilogue takes, and weight_unit,
+    the unit of the weight exp2(logit) it gives (1 with α detached; the slope's factor with the true
+    derivative, see below), by which a caller scales any constant it subtracts from that weight.
 
     Both kinds are one formula in r, the similarity seen from the kind's optimum (r = s on negatives,
     r = 1 - s on positives): α = relu(r + m) and the distance to the margin is r - m, since
@@ -150,51 +152,79 @@ def circle_row_terms(norm_q, inv_norm_q, margin, logit_scale, offset_pos, offset
     clipped). The tile is held in units of 1/‖q_i‖, so that s is never formed: y = ‖q_i‖·r and
     v = max(y, threshold) = ‖q_i‖·u with threshold = -m‖q_i‖, so the scaled logit is
     v·(v·curvature) - offset with curvature = logit_scale/‖q_i‖² and the kind's offset holding
-    logit_scale·m². The slope (d logit / d s, ∓ for the kind) with α detached is ∓α·slope_scale =
-    ∓(v·slope_neg + slope_at_zero) with slope_neg = slope_scale/‖q_i‖ and slope_at_zero = m·slope_scale;
-    the true derivative d(u² - m²)/dr = 2u where α is not clipped, 0 where it is: ∓v·slope_neg with
-    slope_neg = 2·slope_scale/‖q_i‖.
+    logit_scale·m².
+    α detached: the slope (d logit / d s, ∓ for the kind) is ∓α·slope_scale = ∓(v·slope_neg + slope_at_zero)
+    with slope_neg = slope_scale/‖q_i‖ and slope_at_zero = m·slope_scale; row = (‖q_i‖, threshold,
+    curvature, offset_pos, offset_neg, slope_neg, slope_at_zero).
+    True derivative: d(u² - m²)/dr = 2u where α is not clipped, 0 where it is, so the slope is
+    ∓v·f with f = 2·slope_scale/‖q_i‖: linear in v, whose sign the logit does not see (v²). So the
+    epilogue carries f's sign on v (v = sign(f)·(t - ‖q_i‖) on positives, sign(f)·t on negatives: the
+    ∓ of the kind comes with it) and its magnitude in the exponent (log2|f| taken off both offsets): the
+    slope is v itself and the weight comes in units of |f| (weight_unit), one multiplication less an
+    element. row = (sign(f)·‖q_i‖, threshold, curvature, offset_pos, offset_neg, sign(f),
+    positive_bound) with positive_bound = (1 + m)‖q_i‖, where a positive's α is clipped (s ≥ 1 + m:
+    only for m < 0, circle_epilogue's CLIP_POSITIVES). f = 0 (a row without loss) makes the offsets
+    +inf and its weights 0; f NaN makes them NaN.
     """
     # float32 scalars, as on a GPU (the interpreter would carry a product like m² below 2^-126 in float64)
     margin, logit_scale = tl.cast(margin, tl.float32), tl.cast(logit_scale, tl.float32)
     constant = logit_scale * margin * margin
-    slope_neg = inv_norm_q * slope_scale
-    if not DETACH_ALPHA:
-        slope_neg = 2.0 * slope_neg
-    return (norm_q, -margin * norm_q, logit_scale * inv_norm_q * inv_norm_q, offset_pos + constant,
-            offset_neg + constant, slope_neg, margin * slope_scale)
+    threshold = -margin * norm_q
+    curvature = logit_scale * inv_norm_q * inv_norm_q
+    if DETACH_ALPHA:
+        row = (norm_q, threshold, curvature, offset_pos + constant, offset_neg + constant, inv_norm_q * slope_scale,
+               margin * slope_scale)
+        weight_unit = tl.full(norm_q.shape, 1.0, tl.float32)
+    else:
+        slope_factor = 2.0 * inv_norm_q * slope_scale
+        sign = tl.where(slope_factor < 0, -1.0, 1.0)
+        weight_unit = tl.abs(slope_factor)
+        shift = constant - tl.log2(weight_unit)
+        row = (sign * norm_q, threshold, curvature, offset_pos + shift, offset_neg + shift, sign, norm_q - threshold)
+    return row, weight_unit
 
 
 @triton.jit
-def circle_epilogue(t, is_pos, norm_q, threshold, curvature, offset_pos, offset_neg, slope_neg, slope_at_zero,
-                    DETACH_ALPHA: tl.constexpr):
+def circle_epilogue(t, is_pos, row, DETACH_ALPHA: tl.constexpr, CLIP_POSITIVES: tl.constexpr):
     """The per-element half of the Circle Loss formula on a tile, with row i's terms from
-    circle_row_terms (each (BLOCK_B,)).
+    circle_row_terms (row: seven (BLOCK_B,) vectors).
 
     t: q_i · k̂_j, the raw query against the normalised key (s_ij = t_ij / ‖q_i‖), float32;
     is_pos: a tile of b_j == a_i, or a constant True / False for a tile of one kind.
-    Returns (logit · logit_scale - offset of the element's kind, slope · slope_scale), where
+    Returns (logit · logit_scale - offset of the element's kind, slope), where
       logit  u_ij / γ = -α^p·(s - Δ_p) on positives, v_ij / γ = α^n·(s - Δ_n) on negatives; masks
              (bounds, labels, excluded keys) are the caller's;
-      slope  (d logit / d s) / γ: -α^p and α^n with α detached; otherwise -2(1 - s)·[α^p > 0] and
-             2s·[α^n > 0] (a clipped α makes its logit 0 for every s).
-    With the true derivative a clipped element's v is taken as 0 instead of the threshold: its slope is
-    then 0 with no second select, and its logit is -offset ≤ 0 (the offset is logit_scale·m² plus the
-    kind's log-sum-exp, at least its largest logit, and no logit is below -logit_scale·m²): finite, and
-    it only multiplies that 0.
+      slope  α detached: (d logit / d s)·slope_scale/γ = ∓α·slope_scale. True derivative: the slope
+             -2(1 - s)·[α^p > 0] and 2s·[α^n > 0] times slope_scale, in the units circle_row_terms
+             describes (its magnitude rides in the exponent: weight·slope is the same product).
+    A clipped element's v is 0, so that its slope is 0 with no second select; its logit is then
+    log2|f| - offset, finite (f = 2·slope_scale/‖q_i‖ finite, the offset at least logit_scale·m²
+    plus the kind's log-sum-exp, at least its largest logit, and no logit is below -logit_scale·m²),
+    and it only multiplies that 0.
+    CLIP_POSITIVES (m < 0; the true derivative): a positive's α can be clipped (s ≥ 1 + m), so it takes
+    a compare of its own. With m ≥ 0 it cannot (s ≤ 1 ≤ 1 + m; at m = 0 only s = 1 would, where the
+    slope is 0 anyway): negatives alone are compared. Either way the clip is a compare of t (not of y:
+    LLVM's SLP vectoriser turns compares of a longer chain into packed predicate vectors, ~7
+    instructions an element offline) and a select, not arithmetic on a difference, which compiled
+    code contracts into an fma and so does not make exactly 0 where α is clipped.
     """
-    y = tl.where(is_pos, norm_q[:, None] - t, t)  # ‖q_i‖·r
     if DETACH_ALPHA:
+        norm_q, threshold, curvature, offset_pos, offset_neg, slope_neg, slope_at_zero = row
+        y = tl.where(is_pos, norm_q[:, None] - t, t)  # ‖q_i‖·r
         v = tl.maximum(y, threshold[:, None], propagate_nan=tl.PropagateNan.ALL)  # NaN in t stays NaN
-    else:  # a select on the compare, not arithmetic on y - threshold: compiled code contracts that
-        # difference into an fma with the threshold's product, so it is not exactly 0 where α is clipped
-        v = tl.where(y <= threshold[:, None], 0.0, y)  # NaN fails the compare and stays
-    logit = tl.fma(v, v * curvature[:, None], -tl.where(is_pos, offset_pos[:, None], offset_neg[:, None]))
-    if DETACH_ALPHA:
         slope = tl.where(is_pos, tl.fma(v, -slope_neg[:, None], -slope_at_zero[:, None]),
                          tl.fma(v, slope_neg[:, None], slope_at_zero[:, None]))
     else:
-        slope = tl.where(is_pos, v * -slope_neg[:, None], v * slope_neg[:, None])
+        signed_norm, threshold, curvature, offset_pos, offset_neg, sign, positive_bound = row
+        if CLIP_POSITIVES:
+            clipped = tl.where(is_pos, t >= positive_bound[:, None], t <= threshold[:, None])
+        else:
+            clipped = tl.where(is_pos, False, t <= threshold[:, None])
+        # sign(f)·‖q_i‖·(∓r); NaN in t fails the compares and stays
+        v = tl.where(clipped, 0.0, tl.fma(t, sign[:, None], -tl.where(is_pos, signed_norm[:, None], 0.0)))
+        slope = v
+    # (the offsets negated a row, not an element: triton 3.6 would negate each selected one apart)
+    logit = tl.fma(v, v * curvature[:, None], tl.where(is_pos, -offset_pos[:, None], -offset_neg[:, None]))
     return logit, slope
 
 

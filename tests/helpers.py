@@ -27,13 +27,15 @@ def make_inputs(B, N, D, dtype=torch.float32, num_labels=None, device=DEVICE):
     return emb, keys, labels, key_labels
 
 
-def run(fn, tensors, **kwargs):
-    """Loss and gradients (None where not required) of fn(*tensors, **kwargs) reduced to a scalar."""
+def run(fn, tensors, upstream=None, **kwargs):
+    """Loss and gradients (None where not required) of fn(*tensors, **kwargs) reduced to a scalar: the
+    sum of the loss times upstream (by default a non-uniform positive one, for reduction="none")."""
     leaves = [t.detach().clone().requires_grad_(t.is_floating_point()) if isinstance(t, torch.Tensor) else t
               for t in tensors]
     loss = fn(*leaves, **kwargs)
-    weights = torch.linspace(0.5, 1.5, loss.numel(), device=loss.device, dtype=loss.dtype).reshape(loss.shape)
-    (loss * weights).sum().backward()  # a non-uniform upstream gradient for reduction="none"
+    if upstream is None:
+        upstream = torch.linspace(0.5, 1.5, loss.numel())
+    (loss * upstream.to(loss.device, loss.dtype).reshape(loss.shape)).sum().backward()
     return loss.detach(), [t.grad for t in leaves if isinstance(t, torch.Tensor) and t.is_floating_point()]
 
 
@@ -41,12 +43,12 @@ def to64(t):
     return t.detach().double() if t.is_floating_point() else t
 
 
-def check_against_reference(fn, tensors, backend, dtype=torch.float32, grad_atol=0.0, **kwargs):
+def check_against_reference(fn, tensors, backend, dtype=torch.float32, grad_atol=0.0, upstream=None, **kwargs):
     """fn(..., backend=backend) against fn(..., backend="reference") in float64 on the same
-    (dtype-rounded) inputs: loss and every gradient (within the dtype's tolerance relative to the
-    largest reference entry, plus grad_atol). Returns the fused backend's loss."""
-    loss, grads = run(fn, tensors, backend=backend, **kwargs)
-    ref_loss, ref_grads = run(fn, [to64(t) for t in tensors], backend="reference", **kwargs)
+    (dtype-rounded) inputs: loss and every gradient of the loss times upstream (run) (within the dtype's
+    tolerance relative to the largest reference entry, plus grad_atol). Returns the fused backend's loss."""
+    loss, grads = run(fn, tensors, upstream, backend=backend, **kwargs)
+    ref_loss, ref_grads = run(fn, [to64(t) for t in tensors], upstream, backend="reference", **kwargs)
     loss_tol, grad_tol = TOLERANCES[dtype]
     assert loss.dtype == dtype
     torch.testing.assert_close(loss.double(), ref_loss, rtol=loss_tol, atol=loss_tol)

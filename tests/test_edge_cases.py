@@ -28,6 +28,23 @@ def test_true_derivative_where_alpha_is_clipped(m, fused):
                             fused, m=m, gamma=64.0, detach_alpha=False)
 
 
+@pytest.mark.parametrize("detach_alpha", [True, False])
+def test_upstream_gradients_of_every_sign(detach_alpha, fused):
+    """reduction="none" under an upstream gradient that is negative on some rows, 0 on others: the true
+    derivative carries each row's sign on v and its magnitude in the exponent (tile.circle_row_terms),
+    so rows of either sign and rows whose gradient is 0 must match the reference (label smoothing too,
+    whose constants come in that magnitude's unit)."""
+    emb, weight, labels, _ = make_inputs(23, 37, 9, device=device_for(fused))
+    upstream = torch.randn(23, generator=torch.Generator().manual_seed(3))
+    upstream[::5] = 0.0
+    assert (upstream < 0).any() and (upstream > 0).any()
+    for smoothing in (0.0, 0.1):
+        check_against_reference(cl.circle_loss, (emb, weight, labels), fused, upstream=upstream, m=0.25, gamma=64.0,
+                                detach_alpha=detach_alpha, reduction="none", label_smoothing=smoothing)
+    check_against_reference(cl.pairwise_circle_loss, (emb, labels % 4), fused, upstream=upstream, m=-0.1,
+                            gamma=64.0, detach_alpha=detach_alpha, reduction="none")
+
+
 def test_true_derivative_with_negative_margin_is_a_gradient():
     """The reference is gradchecked at m < 0 with positives beyond 1 + m (float64, finite differences)."""
     emb, weight, labels, _ = make_inputs(4, 6, 3, dtype=torch.float64, device="cpu")

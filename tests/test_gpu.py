@@ -37,6 +37,12 @@ def test_true_and_detached_derivative(detach_alpha):
     emb, _, labels, _ = make_inputs(300, 1, 72, dtype=torch.bfloat16, num_labels=20)
     check_against_reference(cl.pairwise_circle_loss, (emb, labels), "triton", dtype=torch.bfloat16, m=0.25,
                             detach_alpha=detach_alpha)
+    # per-row upstream gradients of both signs and 0 (the true derivative carries the sign on v and the
+    # magnitude in the exponent), and a negative margin, whose tiles compare positives too
+    upstream = torch.randn(300, generator=torch.Generator().manual_seed(5))
+    upstream[::7] = 0.0
+    check_against_reference(cl.pairwise_circle_loss, (emb, labels), "triton", dtype=torch.bfloat16, m=-0.1,
+                            detach_alpha=detach_alpha, reduction="none", upstream=upstream)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
