@@ -164,7 +164,8 @@ def circle_row_terms(norm_q, inv_norm_q, margin, logit_scale, offset_pos, offset
     element. row = (sign(f)·‖q_i‖, threshold, curvature, offset_pos, offset_neg, sign(f),
     positive_bound) with positive_bound = (1 + m)‖q_i‖, where a positive's α is clipped (s ≥ 1 + m:
     only for m < 0, circle_epilogue's CLIP_POSITIVES). f = 0 (a row without loss) makes the offsets
-    +inf and its weights 0; f NaN makes them NaN.
+    +inf and its weights 0; f NaN makes them NaN. (exp2 flushes what falls below 2^-126 to 0, here
+    weight·|f|: a row's similarities whose gradient is that far below 1 in these units get 0.)
     """
     # float32 scalars, as on a GPU (the interpreter would carry a product like m² below 2^-126 in float64)
     margin, logit_scale = tl.cast(margin, tl.float32), tl.cast(logit_scale, tl.float32)
