@@ -173,9 +173,6 @@ def circle_grad_similarity_kernel(
     # RESIDENT_KEYS (a preset's choice; with TMA and D in at most two chunks): the key tile stays in
     # shared memory for the whole walk and only the rows stream
     resident: tl.constexpr = RESIDENT_KEYS and TMA and D_CHUNKS <= 2
-    # D in one chunk: no D loop, the row walk is the pipelined loop (tile.dot_tile); not for the true
-    # derivative on tiles of both kinds, whose epilogue then spills (16 to 72 bytes at D = 128 offline)
-    one_chunk: tl.constexpr = D_CHUNKS == 1 and (DETACH_ALPHA or not pairs)
     if resident:
         keys_first, keys_second = resident_tile(k_desc, first_key, BLOCK_D, D_CHUNKS)
     # this split's row blocks: all of them (TILES "all"), or (sorted problems, label_order.py) those in the
@@ -198,7 +195,7 @@ def circle_grad_similarity_kernel(
         else:
             dots = dot_tile(q_ptr, k_ptr, q_desc, k_desc, rows_start, first_key, B, N, D, stride_qb,
                             stride_qd, stride_kn, stride_kd, BLOCK_B, BLOCK_N, BLOCK_D, EVEN_D, TMA,
-                            DOT_PRECISION, one_chunk)
+                            DOT_PRECISION, D_CHUNKS == 1)
         t = dots * inv_norm_k[None, :]
         if pairs:  # both kinds
             g = _gradient(t, positive_pairs(q_label, k_label, first_key, False), terms, LABEL_SMOOTHING, DETACH_ALPHA,

@@ -213,8 +213,6 @@ def circle_epilogue(t, is_pos, row, DETACH_ALPHA: tl.constexpr, CLIP_POSITIVES: 
         norm_q, threshold, curvature, offset_pos, offset_neg, slope_neg, slope_at_zero = row
         y = tl.where(is_pos, norm_q[:, None] - t, t)  # ‖q_i‖·r
         v = tl.maximum(y, threshold[:, None], propagate_nan=tl.PropagateNan.ALL)  # NaN in t stays NaN
-        slope = tl.where(is_pos, tl.fma(v, -slope_neg[:, None], -slope_at_zero[:, None]),
-                         tl.fma(v, slope_neg[:, None], slope_at_zero[:, None]))
     else:
         signed_norm, threshold, curvature, offset_pos, offset_neg, sign, positive_bound = row
         if CLIP_POSITIVES:
@@ -223,9 +221,13 @@ def circle_epilogue(t, is_pos, row, DETACH_ALPHA: tl.constexpr, CLIP_POSITIVES: 
             clipped = tl.where(is_pos, False, t <= threshold[:, None])
         # sign(f)·‖q_i‖·(∓r); NaN in t fails the compares and stays
         v = tl.where(clipped, 0.0, tl.fma(t, sign[:, None], -tl.where(is_pos, signed_norm[:, None], 0.0)))
-        slope = v
     # (the offsets negated a row, not an element: triton 3.6 would negate each selected one apart)
     logit = tl.fma(v, v * curvature[:, None], tl.where(is_pos, -offset_pos[:, None], -offset_neg[:, None]))
+    if DETACH_ALPHA:  # (after the logit: the other order has ptxas move predicates through registers)
+        slope = tl.where(is_pos, tl.fma(v, -slope_neg[:, None], -slope_at_zero[:, None]),
+                         tl.fma(v, slope_neg[:, None], slope_at_zero[:, None]))
+    else:
+        slope = v
     return logit, slope
 
 
