@@ -80,8 +80,8 @@ class Launch:
 
     def compile_args(self, config: LaunchConfig, tma: bool, d: int = ANALYSIS_D) -> tuple[dict, dict, dict]:
         """(signature, constexprs, attrs) for triton.compiler.ASTSource, with config's block sizes, for
-        rows of d (a power of two from 64); tma: tile kernels read their operands through tensor
-        descriptors (tile.operand_loads: sm_90)."""
+        rows of d (a power of two from 64); tma: tile kernels and grad_queries read their operands through
+        tensor descriptors (tile.operand_loads, grad_queries.product_loads: sm_90)."""
         names = self.fn.arg_names
         constexprs = {**self.constexprs, **config.blocks}
         signature = {name: self.types.get(name, "constexpr") for name in names}
@@ -94,13 +94,14 @@ class Launch:
                 constexprs[held] = config.blocks.get(held, False)
         if "TMA" in names:
             constexprs["TMA"] = tma
-            constexprs["EVEN_D"] = not tma  # pointers: d is a multiple of every BLOCK_D it is given
+            if "EVEN_D" in names:
+                constexprs["EVEN_D"] = not tma  # pointers: d is a multiple of every BLOCK_D it is given
             blocks = {"q_desc": ("BLOCK_B", "BLOCK_D"), "k_desc": ("BLOCK_N", "BLOCK_D"),
                       "h_desc": ("BLOCK_B", "BLOCK_N")}
             for name in set(blocks) & set(names):
                 if tma:
                     block = [config.blocks[size] for size in blocks[name]]
-                    signature[name] = f"tensordesc<{self.types['q_ptr'][1:]}{block}>"
+                    signature[name] = f"tensordesc<{self.types['k_ptr'][1:]}{block}>"  # (operands, H: one dtype)
                 else:
                     constexprs[name] = None
         attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(names)

@@ -20,7 +20,7 @@ import torch
 import triton
 
 from .grad_keys import circle_grad_keys_kernel, key_dim_groups, key_tile
-from .grad_queries import circle_grad_queries_kernel
+from .grad_queries import circle_grad_queries_kernel, product_loads
 from .grad_similarity import (circle_grad_similarity_kernel, circle_row_entries_kernel, circle_row_terms_kernel,
                               row_table_width)
 from .label_order import label_order, mixed_group, tile_launches
@@ -169,7 +169,7 @@ def circle_backward(grad_rows, queries, keys, query_labels, key_labels, inv_norm
             circle_grad_queries_kernel[grid](
                 h_ptr=h, k_ptr=keys, partial_ptr=partial, B=B, D=D, stride_kn=keys.stride(0),
                 stride_kd=keys.stride(1), **span, keys_per_split=keys_per_split, DOT_PRECISION=precision,
-                **queries_cfg.kwargs())
+                **product_loads(h, keys, key_start, chunk_len, queries_cfg), **queries_cfg.kwargs())
             raw_q += partial.sum(dim=0)
         if need_keys:
             grid = (triton.cdiv(chunk_len, keys_cfg.blocks["BLOCK_N"]), key_groups)
