@@ -19,7 +19,7 @@ import math
 import torch
 import triton
 
-from .grad_keys import circle_grad_keys_kernel, key_dim_groups, key_tile
+from .grad_keys import circle_grad_keys_kernel, key_dim_groups, key_loads, key_tile
 from .grad_queries import circle_grad_queries_kernel, product_loads
 from .grad_similarity import (circle_grad_similarity_kernel, circle_row_entries_kernel, circle_row_terms_kernel,
                               row_table_width)
@@ -177,7 +177,8 @@ def circle_backward(grad_rows, queries, keys, query_labels, key_labels, inv_norm
                 h_ptr=h, q_ptr=queries, k_ptr=keys, inv_norm_k_ptr=inv_norm_k, grad_scale_ptr=grad_scale,
                 out_ptr=grad_k, product_ptr=product, B=B, D=D, stride_qb=queries.stride(0),
                 stride_qd=queries.stride(1), stride_kn=keys.stride(0), stride_kd=keys.stride(1), **span,
-                HALVES=halves, FINISH=finish_keys, DOT_PRECISION=precision, **keys_cfg.kwargs())
+                HALVES=halves, FINISH=finish_keys, DOT_PRECISION=precision,
+                **key_loads(h, queries, chunk_len, keys_cfg), **keys_cfg.kwargs())
             if not finish_keys:  # the normalisation backward of the chunk's keys, on P in place
                 p, k = product[:chunk_len], keys[key_start:key_start + chunk_len].float()
                 chunk_norms = inv_norm_k[key_start:key_start + chunk_len]

@@ -11,10 +11,8 @@ through pointers, whose masked loads went through registers.
 import torch
 import triton
 import triton.language as tl
-from triton.tools.tensor_descriptor import TensorDescriptor
 
-from .presets import tma_allowed
-from .tile import matmul
+from .tile import matmul, workspace_product_loads
 
 
 @triton.jit
@@ -56,18 +54,7 @@ def circle_grad_queries_kernel(
 
 def product_loads(h: torch.Tensor, keys: torch.Tensor, key_start: int, chunk_len: int, config) -> dict:
     """How circle_grad_queries_kernel reads the chunk [key_start, key_start + chunk_len) of keys and
-    its columns of the workspace h: the keyword arguments h_desc, k_desc and TMA. Tensor descriptors
-    (TMA) where the presets allow them (presets.tma_allowed) and the keys meet the copy engine's rules
-    (unit stride along D, 16-byte aligned base and row stride; h, B × chunk with chunk a multiple of
-    every BLOCK_N, always does), each bounded to the chunk, so that the last step of the last split
-    reads zeros past it; otherwise pointers."""
-    blocks = config.blocks
-    chunk_keys = keys[key_start:key_start + chunk_len]
-    if not (tma_allowed(keys) and keys.stride(1) == 1 and chunk_keys.data_ptr() % 16 == 0
-            and keys.stride(0) * keys.element_size() % 16 == 0):
-        return dict(h_desc=None, k_desc=None, TMA=False)
-    return dict(h_desc=TensorDescriptor(h, [h.shape[0], chunk_len], list(h.stride()),
-                                        [blocks["BLOCK_B"], blocks["BLOCK_N"]]),
-                k_desc=TensorDescriptor(chunk_keys, list(chunk_keys.shape), list(chunk_keys.stride()),
-                                        [blocks["BLOCK_N"], blocks["BLOCK_D"]]),
-                TMA=True)
+    its columns of the workspace h (tile.workspace_product_loads): both descriptors bounded to the
+    chunk, so that the last step of the last split reads zeros past it."""
+    return workspace_product_loads(h, chunk_len, keys[key_start:key_start + chunk_len], "k_desc",
+                                   ("BLOCK_N", "BLOCK_D"), config)

@@ -69,8 +69,10 @@ PRESETS = {
         # 0.48-0.55 / 0.48-0.62, grad_similarity 0.46 / 0.44, grad_similarity_full 0.49 / 0.47,
         # grad_similarity_pairwise 0.59 / 0.57, grad_similarity_pairwise_full 0.59 / 0.57 (64 × 128
         # since the row table; 64 × 64, 1.02 / 1.00, while 64 × 128 spilled under 3.6; 0.80 / 0.77 at
-        # m < 0, whose positives take a compare too), grad_keys 0.44 / 0.43. A sorted pair-wise problem's negatives-only tiles (label_order.py) take the class-level
-        # presets (backward 0.47 / 0.44 and 0.50 / 0.47). forward and forward_pairwise share BLOCK_B, as
+        # m < 0, whose positives take a compare too), grad_queries 0.19 / 0.19 and grad_keys 0.25 / 0.25
+        # (operands by TMA; 0.57 / 0.72 and 0.44 / 0.43 through pointers). A sorted pair-wise problem's
+        # negatives-only tiles (label_order.py) take the class-level presets (backward 0.47 / 0.44 and
+        # 0.50 / 0.47). forward and forward_pairwise share BLOCK_B, as
         # the grad_similarity presets do.
         "forward": _tiles(128, 256, 64, 8, 3),
         "forward_pairwise": _tiles(128, 256, 128, 8, 2),

@@ -345,6 +345,30 @@ def edge_ranges(length: int, block_n: int) -> list[tuple[int, int, bool]]:
     return [(begin, end, edge) for begin, end, edge in ((0, full, False), (full, length, True)) if end > begin]
 
 
+def copy_engine_reads(x: torch.Tensor) -> bool:
+    """Whether the copy engine (TMA) can read x's rows: some rows, unit stride along D, 16-byte aligned
+    base and row stride."""
+    return x.shape[0] > 0 and x.stride(1) == 1 and x.data_ptr() % 16 == 0 and x.stride(0) * x.element_size() % 16 == 0
+
+
+def workspace_product_loads(h: torch.Tensor, chunk_len: int, operand: torch.Tensor, name: str, block: tuple,
+                            config) -> dict:
+    """How a product of the workspace's chunk reads its operands (grad_queries: H · K, grad_keys:
+    Hᵀ · Q): the keyword arguments h_desc, `name` (the other operand's descriptor) and TMA. Tensor
+    descriptors (TMA) where the presets allow them (tma_allowed) and the copy engine reads the operand
+    (copy_engine_reads; h, B × chunk with chunk a multiple of every BLOCK_N, always does): H's over its
+    first chunk_len columns and the operand's whole, each in blocks of the config's sizes (`block`
+    names the operand's), so that blocks past them read as zeros; otherwise pointers."""
+    blocks = config.blocks
+    if not (tma_allowed(operand) and copy_engine_reads(operand)):
+        return {"h_desc": None, name: None, "TMA": False}
+    return {"h_desc": TensorDescriptor(h, [h.shape[0], chunk_len], list(h.stride()),
+                                       [blocks["BLOCK_B"], blocks["BLOCK_N"]]),
+            name: TensorDescriptor(operand, list(operand.shape), list(operand.stride()),
+                                   [blocks[size] for size in block]),
+            "TMA": True}
+
+
 def operand_loads(queries: torch.Tensor, keys: torch.Tensor, config) -> dict:
     """How a tile kernel reads its operands (dot_tile): the keyword arguments q_desc, k_desc, TMA and EVEN_D.
 
@@ -352,9 +376,7 @@ def operand_loads(queries: torch.Tensor, keys: torch.Tensor, config) -> dict:
     both operands meet the copy engine's rules: 16-byte aligned base and row stride, unit stride along D.
     Otherwise pointers, with EVEN_D when BLOCK_D divides D."""
     blocks = config.blocks
-    use_tma = tma_allowed(queries) and all(
-        x.shape[0] > 0 and x.stride(1) == 1 and x.data_ptr() % 16 == 0 and x.stride(0) * x.element_size() % 16 == 0
-        for x in (queries, keys))
+    use_tma = tma_allowed(queries) and all(copy_engine_reads(x) for x in (queries, keys))
     if not use_tma:
         return dict(q_desc=None, k_desc=None, TMA=False, EVEN_D=queries.shape[1] % blocks["BLOCK_D"] == 0)
     return dict(q_desc=TensorDescriptor(queries, list(queries.shape), list(queries.stride()),
