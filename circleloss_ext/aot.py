@@ -175,10 +175,15 @@ def _reasons(error: BaseException) -> str:
 ISSUE_TO_MMA_BUDGET = 0.6  # a tile that issues at most this share of its tensor-core cycles leaves room
 
 
+def _tile_rows(rows: list, negative_margin: bool) -> list:
+    """The sm_90 16-bit rows with matrix products, of a negative margin's variants or of the others."""
+    return [row for row in rows if row["arch"] == 90 and row["issue_to_mma"] is not None
+            and not row["variant"].startswith("fp32") and row["variant"].endswith(NEGATIVE_MARGIN) == negative_margin]
+
+
 def budget_rows(rows: list) -> list:
     """The rows the budget counts: sm_90, 16-bit, with matrix products, at m ≥ 0 (aot_specs.NEGATIVE_MARGIN)."""
-    return [row for row in rows if row["arch"] == 90 and row["issue_to_mma"] is not None
-            and not row["variant"].startswith("fp32") and not row["variant"].endswith(NEGATIVE_MARGIN)]
+    return _tile_rows(rows, negative_margin=False)
 
 
 def budget_summary(rows: list) -> str:
@@ -189,9 +194,8 @@ def budget_summary(rows: list) -> str:
     over = [row for row in counted if row["issue_to_mma"] > ISSUE_TO_MMA_BUDGET or row["sync_waits"]
             or row["spill_bytes"]]
     names = sorted({f"{row['kernel']} {row['variant'].split(' ', 1)[-1]}".rstrip() for row in over})
-    apart = sorted({f"{row['kernel']} {row['variant'].split(' ', 1)[-1]} {row['issue_to_mma']:.2f}" for row in rows
-                    if row["arch"] == 90 and row["issue_to_mma"] is not None
-                    and row["variant"].endswith(NEGATIVE_MARGIN) and not row["variant"].startswith("fp32")})
+    apart = sorted({f"{row['kernel']} {row['variant'].split(' ', 1)[-1]} {row['issue_to_mma']:.2f}"
+                    for row in _tile_rows(rows, negative_margin=True)})
     return (f"sm_90 16-bit rows within the budget (issue_to_mma <= {ISSUE_TO_MMA_BUDGET}, no sync wait, "
             f"no spill): {len(counted) - len(over)} of {len(counted)}"
             + (f"; over: {', '.join(names)}" if names else "")

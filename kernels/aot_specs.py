@@ -61,6 +61,11 @@ _BACKWARD_FORMS = {  # form: (constexprs, preset, with "_full" for the true deri
 }
 
 
+def _mode(detach: bool, clip_positives: bool = False) -> str:
+    """A launch's gradient mode as its variant names it."""
+    return f"{'detach' if detach else 'full'}-alpha" + (f" {NEGATIVE_MARGIN}" if clip_positives else "")
+
+
 @dataclass(frozen=True)
 class Launch:
     """One specialisation of a kernel: `kernel` names its preset, `types` its runtime arguments'
@@ -80,8 +85,8 @@ class Launch:
 
     def compile_args(self, config: LaunchConfig, tma: bool, d: int = ANALYSIS_D) -> tuple[dict, dict, dict]:
         """(signature, constexprs, attrs) for triton.compiler.ASTSource, with config's block sizes, for
-        rows of d (a power of two from 64); tma: tile kernels and grad_queries read their operands through
-        tensor descriptors (tile.operand_loads, grad_queries.product_loads: sm_90)."""
+        rows of d (a power of two from 64); tma: the tile kernels and both plain products read their
+        operands through tensor descriptors (tile.operand_loads, tile.workspace_product_loads: sm_90)."""
         names = self.fn.arg_names
         constexprs = {**self.constexprs, **config.blocks}
         signature = {name: self.types.get(name, "constexpr") for name in names}
@@ -149,20 +154,19 @@ def launches(dtypes=tuple(OPERAND_TYPES)) -> list[Launch]:
             for detach, clip_positives in ((True, False), (False, False), (False, True)):
                 if clip_positives and (flags["CLASS_LEVEL"] or "TILES" in flags):  # one kind: no other code
                     continue
-                mode = f"{'detach' if detach else 'full'}-alpha" + (f" {NEGATIVE_MARGIN}" if clip_positives else "")
                 result.append(_launch(preset + ("" if detach else "_full"), circle_grad_similarity_kernel, dtype,
-                                      f"{form} {mode}", {**_label_types(circle, flags), "h_ptr": x},
+                                      f"{form} {_mode(detach, clip_positives)}",
+                                      {**_label_types(circle, flags), "h_ptr": x},
                                       DETACH_ALPHA=detach, CLIP_POSITIVES=clip_positives, LABEL_SMOOTHING=False,
                                       TABLE_STRIDE=row_table_width(False), EDGE=False, DOT_PRECISION=precision,
                                       **{"TILES": "all", **flags}))
         for form, detach, clip_positives in (("class-level", True, False), ("class-level", False, False),
                                              ("class-level", False, True), ("pair-wise", True, False)):
-            mode = f"{'detach' if detach else 'full'}-alpha" + (f" {NEGATIVE_MARGIN}" if clip_positives else "")
-            result.append(_launch("row_terms", circle_row_terms_kernel, dtype, f"{form} {mode}",
+            result.append(_launch("row_terms", circle_row_terms_kernel, dtype,
+                                  f"{form} {_mode(detach, clip_positives)}",
                                   _label_types(circle, {"CLASS_LEVEL": form == "class-level"}),
                                   CLASS_LEVEL=form == "class-level", DETACH_ALPHA=detach, CLIP_POSITIVES=clip_positives,
-                                  LABEL_SMOOTHING=False,
-                                  TABLE_STRIDE=row_table_width(False)))
+                                  LABEL_SMOOTHING=False, TABLE_STRIDE=row_table_width(False)))
         result.append(_launch("row_entries", circle_row_entries_kernel, dtype, "class-level",
                               {"h_ptr": x, "q_label_ptr": "i64"}, POSITIVE=True, EXCLUDED=False))
         result.append(_launch("row_entries", circle_row_entries_kernel, dtype, "pair-wise exclude-self",

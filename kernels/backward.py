@@ -153,9 +153,8 @@ def circle_backward(grad_rows, queries, keys, query_labels, key_labels, inv_norm
                     **tile_problem, table_ptr=table, h_ptr=h, h_desc=h_descs[tiles], mixed_ptr=mixed,
                     mixed_group=group, key_start=key_start, h_stride=chunk, local_begin=local_begin,
                     rows_per_split=rows_per_split, DETACH_ALPHA=detach_alpha, CLIP_POSITIVES=clip_positives,
-                    LABEL_SMOOTHING=smoothing, EDGE=edge,
-                    TABLE_STRIDE=table.stride(0), TILES=tiles, D_CHUNKS=d_chunks(D, cfg), **loads[tiles],
-                    **cfg.kwargs())
+                    LABEL_SMOOTHING=smoothing, EDGE=edge, TABLE_STRIDE=table.stride(0), TILES=tiles,
+                    D_CHUNKS=d_chunks(D, cfg), **loads[tiles], **cfg.kwargs())
         if key_labels is None or problem["EXCLUDE_KEY"]:  # the entries written over the tiles
             circle_row_entries_kernel[(triton.cdiv(B, entries_cfg.blocks["BLOCK_B"]),)](
                 h_ptr=h, q_label_ptr=problem["q_label_ptr"], excluded_key_ptr=problem["excluded_key_ptr"],

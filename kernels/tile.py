@@ -345,6 +345,11 @@ def edge_ranges(length: int, block_n: int) -> list[tuple[int, int, bool]]:
     return [(begin, end, edge) for begin, end, edge in ((0, full, False), (full, length, True)) if end > begin]
 
 
+def _descriptor(x: torch.Tensor, block: list, shape: list = None) -> TensorDescriptor:
+    """A tensor descriptor of x (or of its first `shape` rows and columns), in blocks of `block`."""
+    return TensorDescriptor(x, list(x.shape) if shape is None else shape, list(x.stride()), block)
+
+
 def copy_engine_reads(x: torch.Tensor) -> bool:
     """Whether the copy engine (TMA) can read x's rows: some rows, unit stride along D, 16-byte aligned
     base and row stride."""
@@ -356,16 +361,13 @@ def workspace_product_loads(h: torch.Tensor, chunk_len: int, operand: torch.Tens
     """How a product of the workspace's chunk reads its operands (grad_queries: H · K, grad_keys:
     Hᵀ · Q): the keyword arguments h_desc, `name` (the other operand's descriptor) and TMA. Tensor
     descriptors (TMA) where the presets allow them (tma_allowed) and the copy engine reads the operand
-    (copy_engine_reads; h, B × chunk with chunk a multiple of every BLOCK_N, always does): H's over its
-    first chunk_len columns and the operand's whole, each in blocks of the config's sizes (`block`
-    names the operand's), so that blocks past them read as zeros; otherwise pointers."""
-    blocks = config.blocks
+    (copy_engine_reads; h always does): H's over its first chunk_len columns (workspace_descriptor) and
+    the operand's whole, in blocks of the config's sizes (`block` names the operand's), so that blocks
+    past them read as zeros; otherwise pointers."""
     if not (tma_allowed(operand) and copy_engine_reads(operand)):
         return {"h_desc": None, name: None, "TMA": False}
-    return {"h_desc": TensorDescriptor(h, [h.shape[0], chunk_len], list(h.stride()),
-                                       [blocks["BLOCK_B"], blocks["BLOCK_N"]]),
-            name: TensorDescriptor(operand, list(operand.shape), list(operand.stride()),
-                                   [blocks[size] for size in block]),
+    return {"h_desc": workspace_descriptor(h, config, chunk_len),
+            name: _descriptor(operand, [config.blocks[size] for size in block]),
             "TMA": True}
 
 
@@ -379,14 +381,15 @@ def operand_loads(queries: torch.Tensor, keys: torch.Tensor, config) -> dict:
     use_tma = tma_allowed(queries) and all(copy_engine_reads(x) for x in (queries, keys))
     if not use_tma:
         return dict(q_desc=None, k_desc=None, TMA=False, EVEN_D=queries.shape[1] % blocks["BLOCK_D"] == 0)
-    return dict(q_desc=TensorDescriptor(queries, list(queries.shape), list(queries.stride()),
-                                        [blocks["BLOCK_B"], blocks["BLOCK_D"]]),
-                k_desc=TensorDescriptor(keys, list(keys.shape), list(keys.stride()),
-                                        [blocks["BLOCK_N"], blocks["BLOCK_D"]]),
+    return dict(q_desc=_descriptor(queries, [blocks["BLOCK_B"], blocks["BLOCK_D"]]),
+                k_desc=_descriptor(keys, [blocks["BLOCK_N"], blocks["BLOCK_D"]]),
                 TMA=True, EVEN_D=False)
 
 
-def workspace_descriptor(h: torch.Tensor, config) -> TensorDescriptor:
-    """The tensor descriptor grad_similarity stores its BLOCK_B × BLOCK_N tiles of H through (TMA): the
-    workspace is B × chunk with chunk a multiple of every BLOCK_N, so its rows are 16-byte aligned."""
-    return TensorDescriptor(h, list(h.shape), list(h.stride()), [config.blocks["BLOCK_B"], config.blocks["BLOCK_N"]])
+def workspace_descriptor(h: torch.Tensor, config, columns: int = None) -> TensorDescriptor:
+    """A tensor descriptor of the workspace H in BLOCK_B × BLOCK_N blocks (TMA): the one grad_similarity
+    stores its tiles through (all of it), or one over its first `columns` (a chunk's keys), past which
+    blocks read as zeros. The workspace is B × chunk with chunk a multiple of every BLOCK_N, so its rows
+    are 16-byte aligned."""
+    return _descriptor(h, [config.blocks["BLOCK_B"], config.blocks["BLOCK_N"]],
+                       None if columns is None else [h.shape[0], columns])
